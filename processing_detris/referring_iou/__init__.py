@@ -1,0 +1,6 @@
+"""`evaluate` metric module folder: load it with `evaluate.load(<path to this folder>)`."""
+
+import os
+
+
+METRIC_PATH = os.path.dirname(os.path.abspath(__file__))

@@ -1,0 +1,57 @@
+"""The `detris` command: a thin dispatcher. Each subcommand lives with the package it serves."""
+
+import sys
+
+USAGE = """usage: detris <command> [options]
+
+commands:
+  convert   convert an official DETRIS .pth checkpoint to a transformers folder (modeling_detris.convert_original)
+  info      parameter counts of a preset or a saved model (modeling_detris.info)
+  demo      the end-to-end demo run by `make demo` (training.demo)
+
+`detris <command> --help` shows a command's options.
+"""
+
+
+def _save_processor(output_dir, config):
+    """Write the processor beside a converted model, with the model's text length and input size."""
+    from processing_detris.processing_detris import save_processor
+
+    save_processor(str(output_dir), word_len=config.word_len)
+
+
+def _convert(argv):
+    from modeling_detris.convert_original import main
+
+    return main(argv, save_extras=_save_processor)
+
+
+def _info(argv):
+    from modeling_detris.info import main
+
+    return main(argv)
+
+
+def _demo(argv):
+    from training.demo import main
+
+    return main(argv)
+
+
+COMMANDS = {"convert": _convert, "info": _info, "demo": _demo}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"detris: unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
