@@ -46,6 +46,12 @@ class DetrisProcessor(ProcessorMixin):
         self.word_len = word_len
         super().__init__(image_processor, tokenizer, **kwargs)
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "DetrisProcessor":
+        """The processor matching a `DetrisConfig`: letterbox to `config.input_size`, text length `config.word_len`."""
+        size = {"height": config.input_size, "width": config.input_size}
+        return cls(image_processor=DetrisImageProcessor(size=size), word_len=config.word_len, **kwargs)
+
     def __call__(self, images=None, text=None, masks=None, return_tensors="pt", **kwargs) -> BatchFeature:
         r"""
         Args:
@@ -116,10 +122,13 @@ class DetrisProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids"]
 
 
-def save_processor(output_dir: str, word_len: int = 17, **kwargs) -> DetrisProcessor:
+def save_processor(output_dir: str, word_len: int = 17, config=None, **kwargs) -> DetrisProcessor:
     """Write the default DETRIS processor (448 letterbox, CLIP statistics, CLIP BPE with `word_len`) to
     `output_dir` (`processor_config.json`, `tokenizer.json`, `tokenizer_config.json`) and return it."""
-    processor = DetrisProcessor(word_len=word_len, **kwargs)
+    if config is not None:
+        processor = DetrisProcessor.from_model_config(config, **kwargs)
+    else:
+        processor = DetrisProcessor(word_len=word_len, **kwargs)
     processor.save_pretrained(output_dir)
     return processor
 

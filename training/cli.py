@@ -7,6 +7,7 @@ USAGE = """usage: detris <command> [options]
 commands:
   convert   convert an official DETRIS .pth checkpoint to a transformers folder (modeling_detris.convert_original)
   info      parameter counts of a preset or a saved model (modeling_detris.info)
+  data      build datasets: refer | hub | custom | refshapes | cache (training.data.cli)
   demo      the end-to-end demo run by `make demo` (training.demo)
 
 `detris <command> --help` shows a command's options.
@@ -17,7 +18,7 @@ def _save_processor(output_dir, config):
     """Write the processor beside a converted model, with the model's text length and input size."""
     from processing_detris.processing_detris import save_processor
 
-    save_processor(str(output_dir), word_len=config.word_len)
+    save_processor(str(output_dir), config=config)
 
 
 def _convert(argv):
@@ -32,13 +33,19 @@ def _info(argv):
     return main(argv)
 
 
+def _data(argv):
+    from training.data.cli import main
+
+    return main(argv)
+
+
 def _demo(argv):
     from training.demo import main
 
     return main(argv)
 
 
-COMMANDS = {"convert": _convert, "info": _info, "demo": _demo}
+COMMANDS = {"convert": _convert, "info": _info, "data": _data, "demo": _demo}
 
 
 def main(argv=None) -> int:

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     model = DetrisForReferringSegmentation(DetrisConfig.from_preset("base"))
     model_dir = output / "detris-base-random"
     model.save_pretrained(model_dir)
-    save_processor(str(model_dir), word_len=model.config.word_len)
+    save_processor(str(model_dir), config=model.config)
     model = AutoModel.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
 

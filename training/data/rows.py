@@ -1,0 +1,227 @@
+"""Row construction, split-size checks and crash-safe saving, shared by every source."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from numbers import Real
+
+from datasets import Dataset, DatasetDict
+
+from .masks import MaskError, rle_area, rle_bbox, segmentation_to_rle
+from .schema import CorruptAnnotationError, image_value, object_features
+
+__all__ = [
+    "OFFICIAL_REF_COUNTS",
+    "OFFICIAL_SENTENCE_COUNTS",
+    "RowBuilder",
+    "rows_to_datasetdict",
+    "check_split_sizes",
+    "save_atomic",
+    "SplitSizeWarning",
+]
+
+# refs per split (ARCHITECTURE.md §4.2, from DETRIS utils/dataset.py)
+OFFICIAL_REF_COUNTS = {
+    ("refcoco", "unc"): {"train": 42404, "val": 3811, "testA": 1975, "testB": 1810},
+    ("refcoco+", "unc"): {"train": 42278, "val": 3805, "testA": 1975, "testB": 1798},
+    ("refcocog", "umd"): {"train": 42226, "val": 2573, "test": 5023},
+    ("refcocog", "google"): {"train": 44822, "val": 5000},
+    ("mixed", "mixed"): {"train": 126908, "val": 10189},
+}
+# expressions per split (ECOSYSTEM.md §0b.6); only the ones that were checked
+OFFICIAL_SENTENCE_COUNTS = {
+    ("refcoco", "unc"): {"val": 10834, "testA": 5657, "testB": 5095},
+}
+
+
+class SplitSizeWarning(UserWarning):
+    pass
+
+
+def _ref_label(dataset, ref_id, ann_id=None) -> str:
+    s = f"{dataset} ref_id={ref_id}"
+    if ann_id is not None:
+        s += f" (ann_id={ann_id})"
+    return s
+
+
+def _fix_text(s) -> str:
+    """Python-2 ``str`` objects come back latin-1 decoded; undo that when they were really UTF-8."""
+    if isinstance(s, bytes):
+        try:
+            return s.decode("utf-8")
+        except UnicodeDecodeError:
+            return s.decode("latin-1")
+    if not isinstance(s, str):
+        raise TypeError(type(s).__name__)
+    if s.isascii():
+        return s
+    try:
+        return s.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return s
+
+
+class RowBuilder:
+    """Turns one referred object into a validated row; every error names the ref."""
+
+    def __init__(self, dataset: str, image_mode: str = "path", check_images: bool = True):
+        self.dataset = dataset
+        self.image_mode = image_mode
+        self.check_images = check_images
+        self._image_ok: dict[str, bool] = {}
+        self.empty_masks: list = []
+        self.dropped_polygons = 0
+
+    def image(self, path: str, ref_label: str):
+        if self.check_images:
+            ok = self._image_ok.get(path)
+            if ok is None:
+                ok = self._image_ok[path] = os.path.isfile(path)
+            if not ok:
+                raise FileNotFoundError(f"{ref_label}: image file not found: {path}")
+        return image_value(path, self.image_mode)
+
+    def __call__(
+        self,
+        *,
+        split: str,
+        ref_id,
+        ann_id,
+        image_id,
+        category_id,
+        category: str,
+        sentences,
+        sent_ids,
+        image_path: str,
+        file_name: str,
+        height,
+        width,
+        bbox,
+        segmentation,
+        extra: dict | None = None,
+    ) -> dict:
+        label = _ref_label(self.dataset, ref_id, ann_id)
+        try:
+            height, width = int(height), int(width)
+        except (TypeError, ValueError) as exc:
+            raise CorruptAnnotationError(f"{label}: image height/width {height!r}/{width!r} are not integers") from exc
+        if height <= 0 or width <= 0:
+            raise CorruptAnnotationError(f"{label}: image size {height}x{width}, expected positive height and width")
+        if not isinstance(sentences, (list, tuple)) or not sentences:
+            raise CorruptAnnotationError(f"{label}: sentences is {sentences!r}, expected a non-empty list of strings")
+        try:
+            sentences = [_fix_text(s) for s in sentences]
+        except TypeError as exc:
+            raise CorruptAnnotationError(f"{label}: a sentence has type {exc}, expected str") from exc
+        sent_ids = [int(i) for i in sent_ids] if sent_ids is not None else list(range(len(sentences)))
+        if len(sent_ids) != len(sentences):
+            raise CorruptAnnotationError(
+                f"{label}: {len(sent_ids)} sent_ids for {len(sentences)} sentences, expected equal lengths"
+            )
+        try:
+            rle, dropped = segmentation_to_rle(segmentation, height, width)
+        except MaskError as exc:
+            raise CorruptAnnotationError(f"{label}: corrupt segmentation: {exc}") from exc
+        self.dropped_polygons += dropped
+        if rle_area(rle) == 0:
+            self.empty_masks.append(ref_id)
+        if bbox is None:
+            bbox = rle_bbox(rle)
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+        ):
+            raise CorruptAnnotationError(f"{label}: bbox is {bbox!r}, expected 4 finite numbers [x, y, w, h]")
+        row = {
+            "dataset": self.dataset,
+            "split": str(split),
+            "ref_id": int(ref_id),
+            "ann_id": int(ann_id),
+            "image_id": int(image_id),
+            "category_id": int(category_id),
+            "category": str(category),
+            "sentences": sentences,
+            "sent_ids": sent_ids,
+            "image": self.image(image_path, label),
+            "file_name": str(file_name),
+            "height": height,
+            "width": width,
+            "bbox": [float(v) for v in bbox],
+            "mask": rle,
+        }
+        if extra:
+            row.update(extra)
+        return row
+
+    def report(self) -> None:
+        if self.empty_masks:
+            shown = ", ".join(str(r) for r in self.empty_masks[:10])
+            more = "" if len(self.empty_masks) <= 10 else f" (+{len(self.empty_masks) - 10} more)"
+            warnings.warn(
+                f"{self.dataset}: {len(self.empty_masks)} ref(s) have an empty (zero-area) mask and are kept "
+                f"with an all-zero target: ref_id {shown}{more}",
+                stacklevel=3,
+            )
+
+
+def rows_to_datasetdict(split_rows: dict[str, list[dict]], image_mode: str, extra_features=None) -> DatasetDict:
+    feats = object_features(image_mode, extra_features)
+    return DatasetDict({split: Dataset.from_list(rows, features=feats) for split, rows in split_rows.items()})
+
+
+def check_split_sizes(dd: DatasetDict, key: tuple[str, str], check: bool | str = "auto") -> list[str]:
+    """Compare split sizes with the official counts; warn with both numbers on a mismatch.
+
+    ``check="auto"`` compares only when the build looks complete (>= 50 % of the official total),
+    so small fixtures and subsets stay quiet.  Returns the warning messages.
+    """
+    if check is False or key not in OFFICIAL_REF_COUNTS:
+        return []
+    expected = OFFICIAL_REF_COUNTS[key]
+    total = sum(len(d) for d in dd.values())
+    if check == "auto" and total < 0.5 * sum(expected.values()):
+        return []
+    msgs = []
+    for split, n_exp in expected.items():
+        n = len(dd[split]) if split in dd else 0
+        if n != n_exp:
+            msgs.append(f"{key[0]} ({key[1]}) split {split!r}: {n} refs, expected {n_exp} (official count)")
+    for split in dd:
+        if split not in expected:
+            msgs.append(f"{key[0]} ({key[1]}) has an unexpected split {split!r} with {len(dd[split])} refs")
+    for split, n_exp in OFFICIAL_SENTENCE_COUNTS.get(key, {}).items():
+        if split in dd:
+            n = sum(len(s) for s in dd[split]["sentences"])
+            if n != n_exp:
+                msgs.append(f"{key[0]} ({key[1]}) split {split!r}: {n} sentences, expected {n_exp} (official count)")
+    for m in msgs:
+        warnings.warn(m, SplitSizeWarning, stacklevel=2)
+    return msgs
+
+
+def save_atomic(dd, output: str, overwrite: bool = False, num_proc: int | None = None) -> str:
+    """``save_to_disk`` into a temporary sibling folder, then rename; a failure leaves ``output`` untouched."""
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".tmp-", dir=parent)
+    try:
+        dd.save_to_disk(os.path.join(tmp, "data"), num_proc=num_proc)
+        if os.path.exists(output):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".old-", dir=parent)
+            os.replace(output, os.path.join(old, "x"))
+            os.replace(os.path.join(tmp, "data"), output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(os.path.join(tmp, "data"), output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
