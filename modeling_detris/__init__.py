@@ -1,5 +1,5 @@
 """DETRIS model. Importing this package registers `DetrisConfig` / `DetrisForReferringSegmentation` with
-`AutoConfig` / `AutoModel`."""
+`AutoConfig` / `AutoModel`, and the DETRIS adapters (`DetrisAdapterConfig`, `peft_type="DETRIS"`) with peft."""
 
 from transformers import AutoConfig, AutoModel
 
@@ -10,6 +10,7 @@ from .modeling_detris import (
     DetrisPreTrainedModel,
     DetrisSegmentationOutput,
 )
+from .peft_detris import DetrisAdapterConfig, DetrisAdapterModel, DetrisPeftType, to_standalone_model
 from .tuner_layers import DenseAlignerLayer, TextAdapterLayer
 
 AutoConfig.register(DetrisConfig.model_type, DetrisConfig, exist_ok=True)
@@ -22,4 +23,8 @@ __all__ = [
     "DetrisSegmentationOutput",
     "DenseAlignerLayer",
     "TextAdapterLayer",
+    "DetrisAdapterConfig",
+    "DetrisAdapterModel",
+    "DetrisPeftType",
+    "to_standalone_model",
 ]

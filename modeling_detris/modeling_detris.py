@@ -23,13 +23,8 @@ from configuration_detris import DetrisConfig
 from .adapters import DenseAligner, TextAdapter
 from .attention import PackedMultiheadAttention
 from .heads import DetrisDecoder, DetrisNeck, DetrisProjector, TextGate
-from .tuner_layers import (
-    DenseAlignerLayer,
-    add_dense_aligner,
-    add_text_adapter,
-    dense_aligner_kwargs,
-    text_adapter_kwargs,
-)
+from .peft_detris import DetrisAdapterConfig
+from .tuner_layers import DenseAlignerLayer
 
 # Keys a DetrisProcessor output may carry besides the model inputs; the forward accepts and ignores them so that
 # `model(**processor(...))` works.
@@ -104,6 +99,9 @@ class DetrisPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # The loss is a per-pixel mean; `Trainer` must not pass `num_items_in_batch` (it would for any forward with
+    # **kwargs, which ours has only to accept processor metadata).
+    accepts_loss_kwargs = False
     _supports_sdpa = True
     _no_split_modules = ["Dinov2WithRegistersLayer", "CLIPEncoderLayer", "DetrisDecoderLayer"]
 
@@ -206,26 +204,24 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
 
     # ----- adapters and freezing -------------------------------------------------------------------------------
     def add_detris_adapters(self, config: DetrisConfig, adapter_name: str = "default"):
-        """Wrap the MLPs of the configured vision / text layers with DETRIS adapter layers (tuner layers of the
-        DETRIS PEFT method); the same layers and keys as `get_peft_model(..., DetrisAdapterConfig(...))` builds."""
-        attn_impl = "eager" if config._attn_implementation == "eager" else "sdpa"
-        for index in config.vision_adapter_layers:
-            add_dense_aligner(
-                self.vision_model.encoder.layer[index],
-                adapter_name,
-                config.adapter_scale,
-                config.adapter_init,
-                attn_implementation=attn_impl,
-                **dense_aligner_kwargs(config),
-            )
-        for index in config.text_adapter_layers:
-            add_text_adapter(
-                self.text_model.text_model.encoder.layers[index],
-                adapter_name,
-                config.adapter_scale,
-                config.adapter_init,
-                **text_adapter_kwargs(config),
-            )
+        """Wrap the MLPs of the configured vision / text layers with DETRIS adapter layers. This runs the DETRIS PEFT
+        tuner (`peft.inject_adapter_in_model` with `DetrisAdapterConfig.from_model_config(config)`), so the layers
+        and keys are exactly those `get_peft_model(..., DetrisAdapterConfig(...))` builds. The built-in adapters are
+        part of the architecture, not a loaded PEFT adapter: the trainability of the other parameters is kept and no
+        `peft_config` is left on the model."""
+        from peft import inject_adapter_in_model
+
+        peft_config = DetrisAdapterConfig.from_model_config(config, modules_to_save=None)
+        requires_grad = {name: param.requires_grad for name, param in self.named_parameters()}
+        had_peft_config = "peft_config" in self.__dict__
+        inject_adapter_in_model(peft_config, self, adapter_name)
+        if not had_peft_config:
+            self.__dict__.pop("peft_config", None)
+        for name, param in self.named_parameters():
+            if name in requires_grad:
+                param.requires_grad_(requires_grad[name])
+            elif ".mlp.base_layer." in name:
+                param.requires_grad_(requires_grad.get(name.replace(".mlp.base_layer.", ".mlp."), param.requires_grad))
 
     def freeze_backbones(self):
         """Freeze every backbone parameter that is not part of an adapter (the official rule)."""

@@ -14,8 +14,10 @@ Side inputs (not modelled by PEFT):
   with `set_word_features` before running the vision encoder. They stay until the next forward, so activation
   checkpointing can re-run the layer during backward.
 - `TextAdapterLayer` needs the block's post-attention residual stream, which is the *input* of the sibling
-  `layer_norm2` (the MLP only sees its output). A forward pre-hook on that LayerNorm hands it over; the hook is
-  owned by the layer and removed by `detach_stream_source()` (called on unload / delete).
+  `layer_norm2` (the MLP only sees its output). A forward pre-hook on that LayerNorm hands it over. The hook is
+  owned by the layer: it exists only while the layer holds at least one adapter (deleting the last adapter removes
+  it, adding one back re-attaches it), and `release_side_inputs()` (called by `DetrisAdapterModel.unload()`) removes
+  it for good. The hook is found by its id in the LayerNorm's hook table, so it also follows `copy.deepcopy`.
 """
 
 import torch
@@ -25,7 +27,7 @@ from torch import nn
 from .adapters import DenseAligner, TextAdapter
 
 
-class _DetrisMlpTunerLayer(nn.Module, BaseTunerLayer):
+class DetrisTunerLayer(nn.Module, BaseTunerLayer):
     """Shared behaviour: wrap an MLP, sum `scale * adapter(...)` of the active adapters onto its output."""
 
     adapter_attr = ""  # name of the ModuleDict holding the adapters
@@ -40,6 +42,9 @@ class _DetrisMlpTunerLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.in_features = base_layer.fc1.in_features
         self.out_features = base_layer.fc2.out_features
+        # Follow the wrapped MLP's mode: adapters injected into a model in eval mode must not update BatchNorm
+        # statistics (a fresh nn.Module would start in train mode).
+        self.training = base_layer.training
 
     def _build_adapter(self, **kwargs) -> nn.Module:
         raise NotImplementedError
@@ -51,13 +56,27 @@ class _DetrisMlpTunerLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, scale: float, init_mode: str = "official", inference_mode: bool = False, **kwargs):
         """Add (or replace) adapter `adapter_name`; `kwargs` are the adapter module's constructor arguments."""
+        if init_mode not in ("official", "zeros"):
+            raise ValueError(f"init_mode must be 'official' or 'zeros', got {init_mode!r}")
         adapter = self._build_adapter(**kwargs)
         adapter.reset_parameters(init_mode)
+        adapter.train(self.training)
         getattr(self, self.adapter_attr)[adapter_name] = adapter
         self.detris_scale[adapter_name] = float(scale)
         self.detris_adapter_kwargs[adapter_name] = dict(kwargs)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self._after_adapters_changed()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._after_adapters_changed()
+
+    def _after_adapters_changed(self) -> None:
+        """Keep the side inputs in step with the adapters held (see the subclasses)."""
+
+    def release_side_inputs(self) -> None:
+        """Drop whatever this layer holds besides its modules (hooks, stashed tensors); called before unloading."""
 
     def _active_adapter_modules(self):
         adapters = getattr(self, self.adapter_attr)
@@ -73,29 +92,43 @@ class _DetrisMlpTunerLayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError(
             "DETRIS adapters are non-linear (convolutions, BatchNorm, cross-attention) and cannot be merged into the "
-            "backbone weights; keep them as separate modules (use `unload()` to remove them)."
+            "backbone weights. To get a standalone DETRIS model with the adapters built in, use "
+            "`modeling_detris.peft_detris.to_standalone_model(peft_model)`; `unload()` removes the adapters."
         )
 
 
-class DenseAlignerLayer(_DetrisMlpTunerLayer):
+_DetrisMlpTunerLayer = DetrisTunerLayer  # former private name
+
+
+class DenseAlignerLayer(DetrisTunerLayer):
     """Wraps a DINOv2 block's `mlp`: out = mlp(x) + scale * DenseAligner(x, words), with x = norm2(stream). The block's
     LayerScale then multiplies the sum, as in the official code."""
 
     adapter_layer_names = ("detris_dense_aligner",)
     adapter_attr = "detris_dense_aligner"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, scale: float, init_mode: str = "official", **kwargs):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, scale: float, init_mode: str = "official", inference_mode: bool = False, **kwargs
+    ):
         super().__init__(base_layer)
         self.detris_dense_aligner = nn.ModuleDict({})
         self.word_features: torch.Tensor | None = None
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, scale, init_mode, **kwargs)
+        self.update_layer(adapter_name, scale, init_mode, inference_mode=inference_mode, **kwargs)
 
     def _build_adapter(self, **kwargs) -> nn.Module:
         return DenseAligner(**kwargs)
 
     def set_word_features(self, word_features: torch.Tensor | None) -> None:
+        """The text encoder's final word features [B, L, D_t] that the Dense Aligners attend to in the next forward."""
         self.word_features = word_features
+
+    def _after_adapters_changed(self) -> None:
+        if not self.detris_dense_aligner:
+            self.word_features = None
+
+    def release_side_inputs(self) -> None:
+        self.word_features = None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(hidden_states, *args, **kwargs)
@@ -109,33 +142,65 @@ class DenseAlignerLayer(_DetrisMlpTunerLayer):
         return self._add_adapters(result, hidden_states, self.word_features)
 
 
-class TextAdapterLayer(_DetrisMlpTunerLayer):
+class TextAdapterLayer(DetrisTunerLayer):
     """Wraps a CLIP layer's `mlp`: out = mlp(ln2(h)) + scale * TextAdapter(h), with h the post-attention residual
     stream captured from the input of the sibling `layer_norm2`."""
 
     adapter_layer_names = ("detris_text_adapter",)
     adapter_attr = "detris_text_adapter"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, scale: float, init_mode: str = "official", **kwargs):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, scale: float, init_mode: str = "official", inference_mode: bool = False, **kwargs
+    ):
         super().__init__(base_layer)
         self.detris_text_adapter = nn.ModuleDict({})
         self._stream: torch.Tensor | None = None
-        self._stream_hook = None
+        # The LayerNorm whose input is captured, kept outside the module tree (no extra state-dict keys), and the id
+        # of the pre-hook in its hook table.
+        object.__setattr__(self, "_stream_source", None)
+        self._stream_hook_id: int | None = None
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, scale, init_mode, **kwargs)
+        self.update_layer(adapter_name, scale, init_mode, inference_mode=inference_mode, **kwargs)
 
     def _build_adapter(self, **kwargs) -> nn.Module:
         return TextAdapter(**kwargs)
 
+    @property
+    def has_stream_hook(self) -> bool:
+        source = self._stream_source
+        return source is not None and self._stream_hook_id is not None and self._stream_hook_id in source._forward_pre_hooks
+
     def attach_stream_source(self, layer_norm: nn.Module) -> None:
         """Capture the input of `layer_norm` (the block's `layer_norm2`) as the adapter input."""
         self.detach_stream_source()
-        self._stream_hook = layer_norm.register_forward_pre_hook(self._capture_stream)
+        object.__setattr__(self, "_stream_source", layer_norm)
+        self._sync_stream_hook()
 
     def detach_stream_source(self) -> None:
-        if self._stream_hook is not None:
-            self._stream_hook.remove()
-            self._stream_hook = None
+        """Remove the pre-hook and forget the LayerNorm."""
+        self._remove_stream_hook()
+        object.__setattr__(self, "_stream_source", None)
+
+    def release_side_inputs(self) -> None:
+        self.detach_stream_source()
+
+    def _after_adapters_changed(self) -> None:
+        self._sync_stream_hook()
+
+    def _sync_stream_hook(self) -> None:
+        """The hook exists exactly while there is a LayerNorm to read and at least one adapter to feed."""
+        wanted = self._stream_source is not None and len(self.detris_text_adapter) > 0
+        if wanted and not self.has_stream_hook:
+            handle = self._stream_source.register_forward_pre_hook(self._capture_stream)
+            self._stream_hook_id = handle.id
+        elif not wanted:
+            self._remove_stream_hook()
+
+    def _remove_stream_hook(self) -> None:
+        source = self._stream_source
+        if source is not None and self._stream_hook_id is not None:
+            source._forward_pre_hooks.pop(self._stream_hook_id, None)
+        self._stream_hook_id = None
         self._stream = None
 
     def _capture_stream(self, module, args):
@@ -145,7 +210,7 @@ class TextAdapterLayer(_DetrisMlpTunerLayer):
         result = self.base_layer(hidden_states, *args, **kwargs)
         if self.disable_adapters or not self._active_adapter_modules():
             return result
-        if self._stream_hook is None or self._stream is None or self._stream.shape != hidden_states.shape:
+        if not self.has_stream_hook or self._stream is None or self._stream.shape != hidden_states.shape:
             raise RuntimeError(
                 "a text adapter ran without the residual stream of its block; its layer must be attached to the "
                 "block's layer_norm2 with attach_stream_source()"
@@ -192,5 +257,6 @@ def add_text_adapter(block: nn.Module, adapter_name: str, scale: float, init_mod
         block.mlp.update_layer(adapter_name, scale, init_mode, **kwargs)
     else:
         block.mlp = TextAdapterLayer(block.mlp, adapter_name, scale, init_mode, **kwargs)
+    if block.mlp._stream_source is not block.layer_norm2:
         block.mlp.attach_stream_source(block.layer_norm2)
     return block.mlp

@@ -183,17 +183,22 @@ def test_from_backbones_loads_local_pretrained_folders(tmp_path):
 def test_activation_checkpointing_gives_the_same_gradients():
     config = tiny_config(vision_adapter_attention_dropout=0.0, decoder_dropout=0.0)
     torch.manual_seed(0)
-    model = DetrisForReferringSegmentation(config).eval()  # eval: BatchNorm statistics stay fixed across re-runs
+    model = DetrisForReferringSegmentation(config).train()  # transformers only checkpoints in training mode
     pixel_values, input_ids, labels = tiny_inputs(config)
+    aligner = model.vision_model.encoder.layer[1].mlp.detris_dense_aligner["default"]
+    calls = []
+    aligner.register_forward_hook(lambda *args: calls.append(1))
 
     def grads():
         model.zero_grad()
+        calls.clear()
         model(pixel_values=pixel_values, input_ids=input_ids, labels=labels).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
-    plain = grads()
+    plain, plain_calls = grads()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed = grads()
+    checkpointed, checkpointed_calls = grads()
+    assert (plain_calls, checkpointed_calls) == (1, 2), "the Dense Aligner must re-run (with its word features) in backward"
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], msg=name)
 

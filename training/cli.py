@@ -8,7 +8,13 @@ commands:
   convert   convert an official DETRIS .pth checkpoint to a transformers folder (modeling_detris.convert_original)
   info      parameter counts of a preset or a saved model (modeling_detris.info)
   data      build datasets: refer | hub | custom | refshapes | cache (training.data.cli)
+  train     train adapters + head with accelerate (training.train)
+  eval      official evaluation: mIoU / oIoU / Pr@X tables and prediction grids (training.evaluation)
   demo      the end-to-end demo run by `make demo` (training.demo)
+  card      write the model card (README.md) of a model or adapter folder (hub_card.card)
+  export    write a Hub-ready folder: weights, processor, remote code, card (hub_card.export)
+  push      export and upload a folder to the Hub (hub_card.push)
+  predict   segment images for referring expressions, write overlays and masks (hub_card.predict)
 
 `detris <command> --help` shows a command's options.
 """
@@ -39,13 +45,35 @@ def _data(argv):
     return main(argv)
 
 
+def _train(argv):
+    from training.train import main
+
+    return main(argv)
+
+
+def _eval(argv):
+    from training.evaluation import main
+
+    return main(argv)
+
+
 def _demo(argv):
     from training.demo import main
 
     return main(argv)
 
 
-COMMANDS = {"convert": _convert, "info": _info, "data": _data, "demo": _demo}
+def _hub(name):
+    def run(argv):
+        from importlib import import_module
+
+        return import_module(f"hub_card.{name}").main(argv)
+
+    return run
+
+
+COMMANDS = {"convert": _convert, "info": _info, "data": _data, "train": _train, "eval": _eval, "demo": _demo}
+COMMANDS.update({name: _hub(name) for name in ("card", "export", "push", "predict")})
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,235 @@
+"""`detris export --model DIR --output HUBDIR`: a folder ready to be pushed to the Hub.
+
+For a model folder, HUBDIR gets:
+
+- `config.json` (with `auto_map` for AutoConfig / AutoModel and the `referring-image-segmentation` custom pipeline)
+  and `model.safetensors`;
+- the processor files (`processor_config.json` with `auto_map` for AutoProcessor / AutoImageProcessor,
+  `tokenizer.json`, `tokenizer_config.json` with `auto_map` for AutoTokenizer);
+- the remote code, generated from our packages (`hub_card.flatten`): `configuration_detris.py`,
+  `modeling_detris.py`, `processing_detris.py` (image processor + tokenizer + processor) and `pipeline_detris.py`;
+- the licence files of the CLIP BPE vocabulary (it is inside `tokenizer.json`) and the model card `README.md`.
+
+`AutoModel.from_pretrained(HUBDIR, trust_remote_code=True)` / `AutoProcessor.from_pretrained(...)` then work where
+detris-hf is not installed (torch, transformers, peft, opencv-python-headless, ftfy, regex and pillow are).
+
+An adapter-only folder (PEFT) is exported as its adapter files plus its own card; loading it needs detris-hf (the
+DETRIS PEFT method has to be registered), which the card says.
+
+The folder is written under a temporary name and renamed at the end, so a failed export leaves nothing that looks
+complete.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .card import CardError, add_card_arguments, build_model_card, card_for_folder, is_adapter_folder, _read_notes
+from .flatten import HUB_FILES, PIPELINE_FILE, write_flat_files
+from .pipeline import TASK
+
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_detris.DetrisConfig",
+    "AutoModel": "modeling_detris.DetrisForReferringSegmentation",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_detris.DetrisProcessor"}
+IMAGE_PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "processing_detris.DetrisImageProcessor",
+    "AutoProcessor": "processing_detris.DetrisProcessor",
+}
+TOKENIZER_AUTO_MAP = {
+    "AutoProcessor": "processing_detris.DetrisProcessor",
+    "AutoTokenizer": ["processing_detris.DetrisTokenizer", None],
+}
+CUSTOM_PIPELINES = {
+    TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [], "type": "multimodal"}
+}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LICENSE_FILES = ("LICENSE_bpe_vocab.md", "LICENSE_open_clip")
+
+
+class ExportError(ValueError):
+    """The model folder cannot be exported; the message names the bad value and what was expected."""
+
+
+def _update_json(path: Path, update) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    update(data)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def check_model_folder(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise ExportError(f"--model {str(model_dir)!r} is not a folder; expected a saved DETRIS model folder")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{model_dir} has no config.json; expected a DETRIS model folder (save_pretrained output)")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "detris":
+        raise ExportError(f"{config_path} has model_type {model_type!r}; expected 'detris'")
+
+
+def load_processor(model_dir: Path, config):
+    """The folder's processor, or (when the folder has none) the default one for the config; checked against the
+    config's `word_len` and `input_size`."""
+    from processing_detris import DetrisImageProcessor, DetrisProcessor
+
+    if (model_dir / "processor_config.json").is_file():
+        processor = DetrisProcessor.from_pretrained(str(model_dir))
+        note = None
+    else:
+        size = {"height": config.input_size, "width": config.input_size}
+        processor = DetrisProcessor(image_processor=DetrisImageProcessor(size=size), word_len=config.word_len)
+        note = (f"{model_dir} has no processor files: wrote the default DETRIS processor "
+                f"(word_len={config.word_len}, {config.input_size}x{config.input_size})")
+    if processor.word_len != config.word_len:
+        raise ExportError(
+            f"the processor pads text to word_len={processor.word_len} but the model expects word_len={config.word_len}"
+        )
+    size = processor.image_processor.size
+    height, width = int(size["height"]), int(size["width"])
+    if (height, width) != (config.input_size, config.input_size):
+        raise ExportError(
+            f"the processor letterboxes to {height}x{width} but the model expects {config.input_size}x{config.input_size}"
+        )
+    return processor, note
+
+
+def _prepare_output(output: Path, model_dir: Path, overwrite: bool) -> Path:
+    if output.resolve() == model_dir.resolve():
+        raise ExportError(f"--output {str(output)!r} is the model folder itself; expected a new folder")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"--output {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+
+
+def _finish(staging: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+
+
+def export_model_folder(
+    model_dir,
+    output_dir,
+    eval_results=None,
+    repo_id: str | None = None,
+    overwrite: bool = False,
+    base_models=None,
+    datasets=None,
+    training_notes: str | None = None,
+    log=print,
+) -> list[str]:
+    """Export `model_dir` to `output_dir` (see the module docstring); returns the exported file names."""
+    from modeling_detris import DetrisForReferringSegmentation
+    from processing_detris import tokenization_detris
+
+    model_dir, output = Path(model_dir), Path(output_dir)
+    if is_adapter_folder(model_dir):
+        return export_adapter_folder(model_dir, output, eval_results, repo_id, overwrite, base_models, datasets, log)
+    check_model_folder(model_dir)
+    model = DetrisForReferringSegmentation.from_pretrained(str(model_dir))
+    processor, note = load_processor(model_dir, model.config)
+    if note:
+        log(note)
+    repo_id = repo_id or output.resolve().name
+    staging = _prepare_output(output, model_dir, overwrite)
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        processor.save_pretrained(str(staging))
+        write_flat_files(staging, HUB_FILES + (PIPELINE_FILE,))
+
+        def model_config(data):
+            data["auto_map"] = dict(MODEL_AUTO_MAP)
+            data["custom_pipelines"] = json.loads(json.dumps(CUSTOM_PIPELINES))
+
+        def processor_config(data):
+            data["auto_map"] = dict(PROCESSOR_AUTO_MAP)
+            if "image_processor" not in data:
+                raise ExportError("processor_config.json has no nested image_processor; cannot add its auto_map")
+            data["image_processor"]["auto_map"] = dict(IMAGE_PROCESSOR_AUTO_MAP)
+
+        def tokenizer_config(data):
+            data["auto_map"] = json.loads(json.dumps(TOKENIZER_AUTO_MAP))
+
+        _update_json(staging / "config.json", model_config)
+        _update_json(staging / "processor_config.json", processor_config)
+        _update_json(staging / "tokenizer_config.json", tokenizer_config)
+        vocab_dir = Path(tokenization_detris.__file__).parent
+        for name in LICENSE_FILES:
+            if (vocab_dir / name).is_file():
+                shutil.copy2(vocab_dir / name, staging / name)
+        card = build_model_card(
+            model, repo_id, eval_results, remote_code=True, base_models=base_models, datasets=datasets,
+            training_notes=training_notes,
+        )
+        card.save(str(staging / "README.md"))
+        files = sorted(p.name for p in staging.iterdir())
+        _finish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, overwrite=False, base_models=None,
+                          datasets=None, log=print) -> list[str]:
+    """Copy an adapter-only folder's adapter files and write its card."""
+    model_dir, output = Path(model_dir), Path(output)
+    missing = [name for name in ADAPTER_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ExportError(f"{model_dir} is an adapter folder without {missing}; expected {list(ADAPTER_FILES)}")
+    repo_id = repo_id or output.resolve().name
+    card = card_for_folder(model_dir, repo_id, eval_results, base_models=base_models, datasets=datasets)
+    staging = _prepare_output(output, model_dir, overwrite)
+    try:
+        for name in ADAPTER_FILES:
+            shutil.copy2(model_dir / name, staging / name)
+        card.save(str(staging / "README.md"))
+        files = sorted(p.name for p in staging.iterdir())
+        _finish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def is_exported_folder(folder) -> bool:
+    """A `detris export` output: model files with the flat code and auto_map, or adapter files with a card."""
+    folder = Path(folder)
+    if is_adapter_folder(folder):
+        return (folder / "README.md").is_file()
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map") or {}
+    return auto_map == MODEL_AUTO_MAP and all((folder / f"{spec.name}.py").is_file() for spec in HUB_FILES)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="detris export", description="write a Hub-ready folder (weights, processor, remote code, card)")
+    parser.add_argument("--model", required=True, help="DETRIS model folder (or adapter-only folder)")
+    parser.add_argument("--output", required=True, help="the Hub-ready folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    add_card_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        from .eval_results import load_eval_results
+
+        evaluations = load_eval_results(args.eval_results) if args.eval_results else None
+        files = export_model_folder(
+            args.model, args.output, evaluations, args.repo_id, args.overwrite, args.base_model, args.dataset,
+            _read_notes(args.training_notes), log=lambda message: print(message, file=sys.stderr),
+        )
+    except (ExportError, CardError, ValueError) as error:
+        print(f"detris export: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {', '.join(files)}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["ExportError", "export_adapter_folder", "export_model_folder", "is_exported_folder", "main"]

@@ -1,0 +1,128 @@
+"""`detris predict --model DIR --image FILE [FILE ...] --text "..." [--text ...] --output OUT`.
+
+For every image and every expression it writes into OUT:
+
+- `<image>_<k>_overlay.png`: the image with the mask tinted over it and the expression printed on top;
+- `<image>_<k>_mask.png`: the raw mask, 8-bit grey, 255 inside and 0 outside, at the image's size;
+
+and `predictions.json` listing image, expression, score, mask area and the two files. `k` is the expression's index
+(00, 01, ...). All expressions of an image run as one batch (the `referring-image-segmentation` pipeline).
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+TINT = (255, 48, 48)
+ALPHA = 0.5
+
+
+def overlay(image: Image.Image, mask: np.ndarray, text: str, score: float) -> Image.Image:
+    """`image` with `mask` tinted (red, 50 %) and the expression and score printed in a banner at the top."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask of shape {mask.shape} does not match the image {rgb.shape[:2]} (height, width)")
+    tinted = rgb.copy()
+    tinted[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * np.asarray(TINT, dtype=np.float32)
+    result = Image.fromarray(np.clip(np.rint(tinted), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(result)
+    size = max(10, min(result.size) // 20)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    label = f"{text}  ({score:.2f})"
+    left, top, right, bottom = draw.textbbox((4, 4), label, font=font)
+    draw.rectangle((0, 0, min(result.width, right + 4), bottom + 4), fill=(0, 0, 0))
+    draw.text((4, 4), label, fill=(255, 255, 255), font=font)
+    return result
+
+
+def _safe_stem(path: Path, used: set) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
+    candidate, index = stem, 1
+    while candidate in used:
+        index += 1
+        candidate = f"{stem}-{index}"
+    used.add(candidate)
+    return candidate
+
+
+def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
+    import hub_card  # noqa: F401  (registers the task)
+    from transformers import pipeline
+
+    from .pipeline import TASK
+
+    return pipeline(TASK, model=model, device=device, trust_remote_code=trust_remote_code)
+
+
+def predict(model, images, texts, output, threshold=None, device=None, log=print) -> list[dict]:
+    """Run the pipeline on every (image, expression) and write the files; returns the records."""
+    images = [Path(p) for p in images]
+    for path in images:
+        if not path.is_file():
+            raise ValueError(f"--image {str(path)!r} does not exist; expected an image file")
+    if not texts:
+        raise ValueError('--text is required: give one or more referring expressions, e.g. --text "the dog"')
+    for text in texts:
+        if not text.strip():
+            raise ValueError(f"--text {text!r} is empty; expected a referring expression such as 'the dog'")
+    if isinstance(model, (str, os.PathLike)) and not Path(model).is_dir() and str(model).count("/") != 1:
+        raise ValueError(f"--model {str(model)!r} is not a folder; expected a DETRIS model folder or a Hub id ORG/NAME")
+    pipe = model if not isinstance(model, (str, os.PathLike)) else load_pipeline(str(model), device)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    records, used = [], set()
+    kwargs = {} if threshold is None else {"threshold": threshold}
+    for path in images:
+        stem = _safe_stem(path, used)
+        with Image.open(path) as handle:
+            from PIL import ImageOps
+
+            image = ImageOps.exif_transpose(handle).convert("RGB")
+        results = pipe(str(path), list(texts), **kwargs)
+        for index, result in enumerate(results):
+            mask_file = output / f"{stem}_{index:02d}_mask.png"
+            overlay_file = output / f"{stem}_{index:02d}_overlay.png"
+            result["mask_image"].save(mask_file)
+            overlay(image, result["mask"], result["text"], result["score"]).save(overlay_file)
+            records.append(
+                {
+                    "image": str(path),
+                    "text": result["text"],
+                    "score": result["score"],
+                    "mask_pixels": int(result["mask"].sum()),
+                    "mask": mask_file.name,
+                    "overlay": overlay_file.name,
+                }
+            )
+            log(f"{path.name} | {result['text']!r}: score {result['score']:.3f}, {int(result['mask'].sum())} px -> {overlay_file}")
+    (output / "predictions.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="detris predict", description="segment the object each expression refers to")
+    parser.add_argument("--model", required=True, help="DETRIS model folder or Hub id")
+    parser.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    parser.add_argument("--text", required=True, action="append", help="referring expression (repeat for several)")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--threshold", type=float, default=None, help="mask probability threshold (default: the model's, 0.35)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: CPU)")
+    args = parser.parse_args(argv)
+    try:
+        predict(args.model, args.image, args.text, args.output, args.threshold, args.device,
+                log=lambda message: print(message, file=sys.stderr))
+    except ValueError as error:
+        print(f"detris predict: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["main", "overlay", "predict"]

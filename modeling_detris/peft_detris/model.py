@@ -1,0 +1,368 @@
+"""`DetrisAdapterModel`: the PEFT tuner that injects the DETRIS adapters into a `DetrisForReferringSegmentation`.
+
+Injection wraps the `mlp` of every configured block in a `DenseAlignerLayer` (vision) or `TextAdapterLayer` (text),
+the tuner layers in `modeling_detris.tuner_layers`; a block already wrapped gets one more adapter in the same layer.
+The built-in adapters of a standalone model (`config.adapters_in_model=True`) are injected by this same tuner, so
+both save the same keys.
+
+Side inputs, which PEFT does not model:
+- the Dense Aligners read the text encoder's word features, handed over by `DetrisForReferringSegmentation.forward`
+  through `DenseAlignerLayer.set_word_features` before the vision encoder runs;
+- the text adapters read their block's residual stream through a forward pre-hook on the block's `layer_norm2`.
+`unload()` releases both (hooks removed, stashed tensors dropped) before putting the plain MLPs back;
+`delete_adapter()` removes a text layer's hook when its last adapter goes.
+
+The adapters are non-linear, so they cannot be merged: `merge_and_unload()` raises and points to
+`to_standalone_model()`, which builds a `DetrisForReferringSegmentation` with the adapters built in.
+"""
+
+import copy
+import re
+
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from ..tuner_layers import DetrisTunerLayer, add_dense_aligner, add_text_adapter
+from .config import DetrisAdapterConfig, classify_target, target_modules_for
+
+MERGE_MESSAGE = (
+    "DETRIS adapters are non-linear (convolutions, BatchNorm, cross-attention) and cannot be merged into the backbone "
+    "weights. To get a standalone DETRIS model with the adapters built in (one checkpoint that "
+    "AutoModel.from_pretrained loads), call `modeling_detris.peft_detris.to_standalone_model(peft_model)` and "
+    "`save_pretrained` the result; `unload()` removes the adapters and gives back the base model."
+)
+
+
+class DetrisAdapterModel(BaseTuner):
+    """PEFT tuner of the DETRIS adapters (`peft_type="DETRIS"`, prefix `"detris_"`). Build it through
+    `peft.get_peft_model(model, DetrisAdapterConfig(...))`, `peft.inject_adapter_in_model`, `PeftModel.from_pretrained`
+    or transformers' `model.load_adapter`; the base model must be a `DetrisForReferringSegmentation` (usually built
+    with `adapters_in_model=False`)."""
+
+    prefix: str = "detris_"
+    tuner_layer_cls = DetrisTunerLayer
+    target_module_mapping = {}
+
+    # ----- injection ------------------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: DetrisAdapterConfig, adapter_name: str) -> None:
+        check_base_model(model, config)
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if not isinstance(peft_config, DetrisAdapterConfig):
+            raise TypeError(f"DetrisAdapterModel needs a DetrisAdapterConfig, got {type(peft_config).__name__}")
+        expected = target_modules_for(peft_config.vision_adapter_layers, peft_config.text_adapter_layers)
+        if peft_config.target_modules != expected:
+            raise ValueError(f"target_modules must be {expected!r} (derived from the layer lists), got {peft_config.target_modules!r}")
+        return peft_config
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None):
+        found = classify_target(current_key)
+        if found is None or target_name != "mlp":
+            raise ValueError(
+                f"the DETRIS adapters wrap the `mlp` of a vision block ({'vision_model.encoder.layer.<i>.mlp'}) or a text "
+                f"layer ({'text_model.text_model.encoder.layers.<i>.mlp'}); got module {current_key!r}"
+            )
+        kind, _ = found
+        model_config = self.model.config
+        common = dict(
+            scale=peft_config.adapter_scale,
+            init_mode=peft_config.adapter_init,
+            inference_mode=peft_config.inference_mode,
+        )
+        if kind == "vision":
+            add_dense_aligner(parent, adapter_name, **common, **dense_aligner_kwargs(peft_config, model_config))
+        else:
+            add_text_adapter(parent, adapter_name, **common, **text_adapter_kwargs(peft_config, model_config))
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # peft upcasts bf16/fp16 adapter *parameters* to fp32; the BatchNorm running statistics are buffers and must
+        # follow, or batch_norm meets fp32 weights and bf16 statistics.
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        for layer in self.model.modules():
+            if isinstance(layer, DetrisTunerLayer):
+                adapters = getattr(layer, layer.adapter_attr)
+                if adapter_name in adapters:
+                    _align_buffer_dtypes(adapters[adapter_name])
+
+    # ----- checkpoint keys ------------------------------------------------------------------------------------
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # The adapter name follows the ModuleDict attribute (`…mlp.detris_dense_aligner.default.down_proj.weight`),
+        # not the second-to-last component as peft's default assumes. Pure function: used to save and to load.
+        return re.sub(rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model, remapped, adapter_name)
+        return remapped
+
+    # ----- unload / delete / merge ----------------------------------------------------------------------------
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        unwrapped = getattr(child, "base_layer", child)
+        if not hasattr(new_module, "base_layer") and not hasattr(unwrapped, "weight"):
+            # Unloading a DETRIS layer (an MLP) or a `modules_to_save` head (neck / decoder / projector): put the
+            # plain module back. peft's version assumes a layer with a `.weight` to re-attach.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            raise NotImplementedError(MERGE_MESSAGE)
+        release_side_inputs(self.model)
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def merge_and_unload(self, *args, **kwargs):
+        raise NotImplementedError(MERGE_MESSAGE)
+
+    def merge_adapter(self, *args, **kwargs):
+        raise NotImplementedError(MERGE_MESSAGE)
+
+    def to_standalone_model(self, adapter_name: str | None = None):
+        """See `to_standalone_model`."""
+        return to_standalone_model(self, adapter_name)
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------
+def dense_aligner_kwargs(peft_config: DetrisAdapterConfig, model_config) -> dict:
+    """Dense Aligner constructor arguments: widths from the adapter config, shapes from the base model's config."""
+    return dict(
+        hidden_size=model_config.vision_config.hidden_size,
+        width=peft_config.vision_adapter_dim,
+        text_dim=model_config.text_config.hidden_size,
+        grid_size=model_config.grid_size,
+        num_prefix_tokens=model_config.num_prefix_tokens,
+        attention_dim=peft_config.vision_adapter_attention_dim,
+        num_heads=peft_config.vision_adapter_attention_heads,
+        dropout=peft_config.vision_adapter_attention_dropout,
+        batch_norm_eps=peft_config.adapter_batch_norm_eps,
+        attn_implementation="eager" if model_config._attn_implementation == "eager" else "sdpa",
+    )
+
+
+def text_adapter_kwargs(peft_config: DetrisAdapterConfig, model_config) -> dict:
+    return dict(
+        hidden_size=model_config.text_config.hidden_size,
+        width=peft_config.text_adapter_dim,
+        batch_norm_eps=peft_config.adapter_batch_norm_eps,
+    )
+
+
+def check_base_model(model: nn.Module, config: DetrisAdapterConfig) -> None:
+    """Refuse a base that is not DETRIS or lacks a configured layer, naming the bad value and the valid range."""
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "model_type", None) != "detris":
+        raise ValueError(
+            "the DETRIS PEFT method needs a DetrisForReferringSegmentation base model (config.model_type 'detris'), got "
+            f"{type(model).__name__} with model_type {getattr(model_config, 'model_type', None)!r}"
+        )
+    for name, width_name, width in (
+        ("base_vision_hidden_size", "vision_config.hidden_size", model_config.vision_config.hidden_size),
+        ("base_text_hidden_size", "text_config.hidden_size", model_config.text_config.hidden_size),
+    ):
+        expected = getattr(config, name)
+        if expected is None:
+            setattr(config, name, width)
+        elif expected != width:
+            raise ValueError(
+                f"these DETRIS adapters were built for a base with {width_name}={expected} ({name} in the adapter "
+                f"config), but the base model has {width_name}={width}; load them onto the kind of base they were "
+                "trained on"
+            )
+    for name, depth_name, depth in (
+        ("vision_adapter_layers", "vision encoder", model_config.vision_config.num_hidden_layers),
+        ("text_adapter_layers", "text encoder", model_config.text_config.num_hidden_layers),
+    ):
+        bad = [i for i in getattr(config, name) if not 0 <= i < depth]
+        if bad:
+            raise ValueError(
+                f"DetrisAdapterConfig.{name} has {bad}, but the base model's {depth_name} has {depth} layers "
+                f"(expected indices in [0, {depth - 1}])"
+            )
+
+
+def check_adapter_shapes(model: nn.Module, state_dict: dict, adapter_name: str) -> None:
+    """Before loading adapter weights: every tensor must fit the adapter built from the config, or the error names
+    the key, both shapes and the likely cause."""
+    own = model.state_dict()
+    bad = []
+    for key, value in state_dict.items():
+        if f".{adapter_name}." not in key or key not in own or not hasattr(value, "shape"):
+            continue
+        if tuple(own[key].shape) != tuple(value.shape):
+            bad.append(f"{key}: checkpoint {list(value.shape)}, model {list(own[key].shape)}")
+    if bad:
+        raise ValueError(
+            f"{len(bad)} adapter weight(s) do not fit the model ({'; '.join(sorted(bad)[:4])}{'; ...' if len(bad) > 4 else ''}). "
+            "The DetrisAdapterConfig (vision_adapter_dim, text_adapter_dim, vision_adapter_attention_dim) or the base "
+            "model (hidden sizes) differs from the one the adapter was saved with: load it with its own "
+            "adapter_config.json onto the same kind of base model"
+        )
+
+
+def release_side_inputs(model: nn.Module) -> None:
+    """Remove every text-adapter hook and drop the word features stashed on the Dense Aligners."""
+    for module in model.modules():
+        if isinstance(module, DetrisTunerLayer):
+            module.release_side_inputs()
+
+
+def _align_buffer_dtypes(module: nn.Module) -> None:
+    for owner in module.modules():
+        params = list(owner.parameters(recurse=False))
+        if not params:
+            continue
+        dtype = params[0].dtype
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(owner, name, buffer.to(dtype))
+
+
+def _unwrap(model):
+    """(the DETRIS model, its PEFT configs by adapter name, active adapters) of a PeftModel, a DetrisAdapterModel, or
+    a DETRIS model with adapters injected by transformers' `load_adapter` / `inject_adapter_in_model`."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        tuner = model.base_model
+        return tuner.model, tuner.peft_config, tuner.active_adapters
+    if isinstance(model, DetrisAdapterModel):
+        return model.model, model.peft_config, model.active_adapters
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise ValueError(
+            f"{type(model).__name__} holds no PEFT adapters (no peft_config); a DETRIS model with built-in adapters is "
+            "already standalone"
+        )
+    active = []
+    for module in model.modules():
+        if isinstance(module, DetrisTunerLayer):
+            active = list(module.active_adapters)
+            break
+    return model, configs, active
+
+
+def to_standalone_model(model, adapter_name: str | None = None):
+    """A `DetrisForReferringSegmentation` with adapter `adapter_name` built in (`adapters_in_model=True`, saved under
+    the name "default"), its head taken from the adapter's `modules_to_save` copy when it has one. Its outputs equal
+    those of the PEFT model with that adapter active, and `save_pretrained` gives one checkpoint that
+    `AutoModel.from_pretrained` loads. This is the replacement for `merge_and_unload`, which the non-linear DETRIS
+    adapters cannot support.
+
+    `model` is a `PeftModel`, a `DetrisAdapterModel`, or a DETRIS model with adapters loaded by transformers'
+    `load_adapter`; `adapter_name` defaults to the single active adapter."""
+    from ..modeling_detris import DetrisForReferringSegmentation
+
+    detris, configs, active = _unwrap(model)
+    if adapter_name is None:
+        if len(active) != 1:
+            raise ValueError(f"pass adapter_name: the model has {len(active)} active adapters {active}, expected exactly 1")
+        adapter_name = active[0]
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {sorted(configs)}")
+    peft_config = configs[adapter_name]
+    if not isinstance(peft_config, DetrisAdapterConfig):
+        raise TypeError(f"adapter {adapter_name!r} is a {type(peft_config).__name__}, not a DetrisAdapterConfig")
+
+    config = copy.deepcopy(detris.config)
+    for name, value in peft_config.to_model_config_kwargs().items():
+        setattr(config, name, value)
+    config.adapters_in_model = True
+    config.check_detris_settings()
+    dtype = next(detris.parameters()).dtype
+    device = next(detris.parameters()).device
+    standalone = DetrisForReferringSegmentation(config)
+
+    heads_with_copy = {
+        name
+        for name, module in detris.named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+    }
+    wanted = standalone.state_dict()
+    mapped = {}
+    for key, value in detris.state_dict().items():
+        new_key = _standalone_key(key, adapter_name, heads_with_copy)
+        if new_key is None:
+            continue
+        if new_key not in wanted:
+            alternative = new_key.replace(".mlp.base_layer.", ".mlp.") if ".mlp.base_layer." in new_key else None
+            if alternative is None and ".mlp." in new_key:
+                alternative = new_key.replace(".mlp.", ".mlp.base_layer.", 1)
+            if alternative in wanted:
+                new_key = alternative
+        mapped[new_key] = value
+    missing = sorted(set(wanted) - set(mapped))
+    unexpected = sorted(set(mapped) - set(wanted))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"cannot map adapter {adapter_name!r} onto a standalone DETRIS: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    standalone.load_state_dict(mapped, strict=True)
+    standalone.to(device=device, dtype=dtype)
+    standalone.freeze_backbones()
+    standalone.train(detris.training)
+    return standalone
+
+
+def _standalone_key(key: str, adapter_name: str, heads_with_copy: set[str]) -> str | None:
+    parts = key.split(".")
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        if parts[i + 1] != adapter_name:
+            return None
+        parts = parts[:i] + parts[i + 2 :]
+    elif "original_module" in parts:
+        i = parts.index("original_module")
+        if ".".join(parts[:i]) in heads_with_copy:
+            return None
+        parts = parts[:i] + parts[i + 1 :]
+    for j, part in enumerate(parts[:-1]):
+        if part.startswith(DetrisAdapterModel.prefix):
+            if parts[j + 1] != adapter_name:
+                return None
+            parts[j + 1] = "default"
+            break
+    return ".".join(parts)
+
+
+def split_standalone_model(model, base_dir, modules_to_save=("neck", "decoder", "projector")):
+    """The inverse of `to_standalone_model`: from a DETRIS with built-in adapters, save the bare base
+    (`adapters_in_model=False`: frozen backbones + head) to `base_dir` and return a `PeftModel` over it that holds
+    those adapters as adapter "default" (and the head as `modules_to_save`, unless `modules_to_save` is empty), its
+    `base_model_name_or_path` pointing at `base_dir`. Outputs are unchanged; `peft_model.save_pretrained(dir)` then
+    writes the small adapter-only folder that `AutoModel.from_pretrained(dir)` loads."""
+    from peft import get_peft_model
+
+    from ..modeling_detris import DetrisForReferringSegmentation
+
+    if not model.config.adapters_in_model:
+        raise ValueError("the model has no built-in adapters (adapters_in_model=False); nothing to split")
+    config = copy.deepcopy(model.config)
+    config.adapters_in_model = False
+    base = DetrisForReferringSegmentation(config)
+    source = model.state_dict()
+    base.load_state_dict(
+        {k.replace(".mlp.base_layer.", ".mlp."): v for k, v in source.items() if f".{DetrisAdapterModel.prefix}" not in k},
+        strict=True,
+    )
+    base.to(dtype=next(model.parameters()).dtype).train(model.training)
+    base.save_pretrained(base_dir)  # before PEFT wraps the head in place
+    peft_config = DetrisAdapterConfig.from_model_config(model.config, modules_to_save=list(modules_to_save) or None)
+    peft_config.base_model_name_or_path = str(base_dir)
+    peft_model = get_peft_model(base, peft_config)
+    detris = peft_model.base_model.model
+    adapters = {k: source[k] for k in detris.state_dict() if f".{DetrisAdapterModel.prefix}" in k}
+    missing = [k for k in detris.state_dict() if f".{DetrisAdapterModel.prefix}" in k and k not in source]
+    if missing:
+        raise RuntimeError(f"the standalone model lacks adapter tensors {missing[:10]}")
+    detris.load_state_dict(adapters, strict=False)
+    return peft_model
+
+
+__all__ = ["DetrisAdapterModel", "MERGE_MESSAGE", "release_side_inputs", "split_standalone_model", "to_standalone_model"]
