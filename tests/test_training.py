@@ -29,8 +29,9 @@ def tiny_data():
 
 
 def test_training_writes_checkpoints_and_loadable_models(tmp_path, tiny_data):
-    cfg = tiny_recipe(tmp_path / "run", checkpoint_every_steps=2)
+    cfg = tiny_recipe(tmp_path / "run", checkpoint_every_steps=2, log_with="tensorboard")
     summary = train(cfg, datasets=tiny_data)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "TensorBoard logs are written"
     assert len(summary["history"]) == 2 and "val/mIoU" in summary["history"][-1]
     assert summary["effective_batch_size"] == 4
     latest = checkpointing.latest_checkpoint(tmp_path / "run")
