@@ -218,30 +218,6 @@ class TextAdapterLayer(DetrisTunerLayer):
         return self._add_adapters(result, self._stream)
 
 
-def dense_aligner_kwargs(config) -> dict:
-    """Constructor arguments of the Dense Aligners of a `DetrisConfig`."""
-    return dict(
-        hidden_size=config.vision_config.hidden_size,
-        width=config.vision_adapter_dim,
-        text_dim=config.text_config.hidden_size,
-        grid_size=config.grid_size,
-        num_prefix_tokens=config.num_prefix_tokens,
-        attention_dim=config.vision_adapter_attention_dim,
-        num_heads=config.vision_adapter_attention_heads,
-        dropout=config.vision_adapter_attention_dropout,
-        batch_norm_eps=config.adapter_batch_norm_eps,
-    )
-
-
-def text_adapter_kwargs(config) -> dict:
-    """Constructor arguments of the text adapters of a `DetrisConfig`."""
-    return dict(
-        hidden_size=config.text_config.hidden_size,
-        width=config.text_adapter_dim,
-        batch_norm_eps=config.adapter_batch_norm_eps,
-    )
-
-
 def add_dense_aligner(block: nn.Module, adapter_name: str, scale: float, init_mode: str, **kwargs) -> DenseAlignerLayer:
     """Wrap `block.mlp` of a DINOv2 block (or add another adapter to an existing wrapper)."""
     if isinstance(block.mlp, DenseAlignerLayer):
