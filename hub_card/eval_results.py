@@ -49,18 +49,8 @@ KNOWN_DATASETS = {
     "refcocog-google": ("G-Ref (Google)", "refcocog", "google", None),
     "mixed": ("RefCOCO + RefCOCO+ + G-Ref (UMD), mixed", "refcoco-mixed", "mixed", None),
 }
-DATASET_ALIASES = {
-    "refcoco_plus": "refcoco+",
-    "refcocoplus": "refcoco+",
-    "refcocog_u": "refcocog-umd",
-    "refcocog-u": "refcocog-umd",
-    "refcocog_umd": "refcocog-umd",
-    "refcocog_g": "refcocog-google",
-    "refcocog-g": "refcocog-google",
-    "refcocog_google": "refcocog-google",
-    "refcoco_mixed": "mixed",
-    "mix": "mixed",
-}
+# dataset name spellings: one table, shared with the converter
+from modeling_detris.convert_original import DATASET_ALIASES  # noqa: E402
 UNITS = ("fraction", "percent")
 _TOP_KEYS = {"dataset", "results", "units", "source", "dataset_name", "dataset_type", "dataset_config"}
 

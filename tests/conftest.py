@@ -81,3 +81,13 @@ def converted_base_dir(official_base_checkpoint, tmp_path_factory):
     output = tmp_path_factory.mktemp("converted") / "detris-base-refcoco"
     assert main(["convert", "--checkpoint", str(official_base_checkpoint), "--variant", "base", "--output", str(output)]) == 0
     return output
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~50x faster on one thread when the (2-core) machine is shared: intra-op threads of
+    millisecond kernels mostly wait for each other. Restored afterwards for the other test modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -73,13 +73,8 @@ FRESH_PROCESS = textwrap.dedent(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread when the (2-core) machine is shared: intra-op threads of
-    millisecond kernels mostly wait for each other. Restored afterwards for the other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_for_this_module(one_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 def run_fresh_python(script: str, *args) -> None:
