@@ -14,32 +14,15 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .eval_results import METRIC_NAMES, load_eval_results, to_model_index
+# The public backbones (one table, shared with the provenance records) and the authors' numbers (one table too).
+from modeling_detris.provenance import PUBLIC_TEXT as CLIP_TEXT_HUB_ID
+from modeling_detris.provenance import PUBLIC_VISION as DINOV2_HUB_IDS
+
+from .eval_results import METRIC_NAMES, load_eval_results, parse_evaluation, to_model_index
+from .reported import OFFICIAL_README, PAPER_URL, REPORTED, REPORTED_SPLITS, reported_evaluation
 
 TEMPLATES = Path(__file__).parent  # *_card_template.md (package data: setup.cfg ships *.md)
-CLIP_TEXT_HUB_ID = "openai/clip-vit-base-patch16"
-DINOV2_HUB_IDS = {(768, 12): "facebook/dinov2-with-registers-base", (1024, 24): "facebook/dinov2-with-registers-large"}
 BASE_TAGS = ["detris", "referring-image-segmentation", "image-segmentation", "vision-language", "dinov2", "clip"]
-PAPER_URL = "https://arxiv.org/abs/2501.08580"
-OFFICIAL_README = "https://github.com/jiaqihuang01/DETRIS"
-
-# ARCHITECTURE.md §6.1 (official README; mIoU is the metric of the paper's Table 1, oIoU came later).
-REPORTED_SPLITS = ("RefCOCO val", "RefCOCO testA", "RefCOCO testB", "RefCOCO+ val", "RefCOCO+ testA",
-                   "RefCOCO+ testB", "G-Ref val(u)", "G-Ref test(u)", "G-Ref val(g)")
-REPORTED = {
-    "base": {
-        "mIoU": (76.0, 78.2, 73.5, 68.9, 74.0, 61.5, 67.9, 68.1, 65.9),
-        "oIoU": (74.3, 77.6, 71.4, 65.6, 72.0, 56.5, 65.2, 66.4, 63.2),
-    },
-    "large": {
-        "mIoU": (77.3, 79.0, 75.2, 70.8, 75.3, 64.7, 69.3, 70.2, 67.9),
-        "oIoU": (76.1, 78.3, 73.2, 67.9, 73.3, 60.2, 66.8, 68.0, 65.0),
-    },
-    "large-mixed": {
-        "mIoU": (81.0, 81.9, 79.0, 75.2, 78.6, 70.2, 74.6, 75.3, None),
-        "oIoU": (80.7, 82.2, 77.9, 73.1, 77.5, 66.0, 73.2, 74.7, None),
-    },
-}
 VARIANT_NAMES = {"base": "DETRIS-B", "large": "DETRIS-L", "large-mixed": "DETRIS-L* (mixed RefCOCO/+/G-Ref training)"}
 
 OFFICIAL_RECIPE = """The official recipe (`jiaqihuang01/DETRIS` configs), which `detris train` reproduces:
@@ -264,6 +247,15 @@ def build_model_card(
     )
     vision, text = config.vision_config, config.text_config
     description = VARIANT_NAMES.get(variant, "a custom DETRIS configuration")
+    reported = reported_table(variant)
+    if not config.adapters_in_model:
+        description = (
+            f"the frozen base of {description}: the DINOv2 and CLIP text backbones and a head, without adapters. Load "
+            "a per-dataset DETRIS adapter on it (`PeftModel.from_pretrained(base, adapter)`; several adapters can share "
+            "it and be switched with `set_adapter`), which brings its own adapters and head. Alone, this model does "
+            "not segment anything meaningful"
+        )
+        reported = None
     pipe_text, pipe_code = pipeline_snippet(model_id, remote_code)
     return ModelCard.from_template(
         card_data,
@@ -279,7 +271,7 @@ def build_model_card(
         pipeline_snippet=pipe_code,
         model_id=model_id,
         evaluation_tables=evaluation_tables(evaluations) if evaluations else None,
-        reported_table=reported_table(variant),
+        reported_table=reported,
         counts=counts,
         logits_side=4 * config.grid_size,
         input_size=config.input_size,
@@ -330,10 +322,49 @@ def adapter_statistics(folder) -> tuple[int, int]:
     return params, buffers
 
 
+def adapter_variant(adapter_config: dict) -> str | None:
+    """The official preset (`base`, `large`, `large-mixed`) whose adapters and base width an adapter config has."""
+    from configuration_detris import PRESETS
+    from modeling_detris.peft_detris import adapter_presets
+
+    for name, fields in adapter_presets().items():
+        if adapter_config.get("base_vision_hidden_size") not in (None, PRESETS[name]["vision_config"]["hidden_size"]):
+            continue
+        if all(adapter_config.get(key) == value for key, value in fields.items()):
+            return name
+    return None
+
+
+def reported_beside(evaluations, variant: str | None) -> list:
+    """The authors' numbers for the datasets and splits of `evaluations` (parsed evaluations), where they report
+    any for `variant`."""
+    reported = []
+    for evaluation in evaluations:
+        entry = reported_evaluation(variant, evaluation.dataset, [s.split for s in evaluation.splits]) if variant else None
+        if entry is not None:
+            parsed = parse_evaluation(entry, "reported")
+            parsed.dataset_name = evaluation.dataset_name  # the same model-index dataset as ours
+            parsed.dataset_type, parsed.dataset_config = evaluation.dataset_type, evaluation.dataset_config
+            reported.append(parsed)
+    return reported
+
+
+def reported_model_index(reported) -> list:
+    """`model-index` entries of the authors' numbers, each marked as reported in its metric name."""
+    results = to_model_index(reported)
+    for result in results:
+        result.metric_name = f"{result.metric_type} reported by the DETRIS authors, not measured here (%)"
+    return results
+
+
 def build_adapter_card(
     folder, model_id: str, evaluations=None, base_model: str | None = None, datasets: list[str] | None = None
 ) -> ModelCard:
-    """The card of an adapter-only folder (PEFT format); it names the base model the adapter needs."""
+    """The card of an adapter-only folder (PEFT format); it names the base model the adapter needs, the dataset it
+    was trained on (from `conversion.json` or the evaluations) and, beside an evaluation of ours, the numbers the
+    authors report for the same splits (marked as reported in `model-index`)."""
+    from .eval_results import DATASET_ALIASES, KNOWN_DATASETS
+
     folder = Path(folder)
     adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     base = base_model or adapter_config.get("base_model_name_or_path")
@@ -342,14 +373,23 @@ def build_adapter_card(
             f"{folder}/adapter_config.json names no base_model_name_or_path; pass --base-model ORG/NAME (the Hub id "
             "of the DETRIS base model the adapter was trained on)"
         )
+    conversion_path = folder / "conversion.json"
+    conversion = json.loads(conversion_path.read_text(encoding="utf-8")) if conversion_path.is_file() else {}
+    variant = conversion.get("variant") or adapter_variant(adapter_config)
     evaluations = evaluations or []
+    reported = reported_beside(evaluations, variant)
     params, buffers = adapter_statistics(folder)
     dataset_ids = list(datasets or [])
+    trained_on = conversion.get("dataset")
+    trained_on = DATASET_ALIASES.get(trained_on, trained_on) if trained_on else None
+    if trained_on in KNOWN_DATASETS and KNOWN_DATASETS[trained_on][3] and KNOWN_DATASETS[trained_on][3] not in dataset_ids:
+        dataset_ids.append(KNOWN_DATASETS[trained_on][3])
     for evaluation in evaluations:
         if evaluation.hub_dataset and evaluation.hub_dataset not in dataset_ids:
             dataset_ids.append(evaluation.hub_dataset)
     name = model_id.rstrip("/").split("/")[-1]
     peft_type = str(adapter_config.get("peft_type", "unknown"))
+    eval_results = (to_model_index(evaluations) + reported_model_index(reported)) if evaluations else None
     card_data = ModelCardData(
         model_name=name,
         license="mit",
@@ -358,7 +398,7 @@ def build_adapter_card(
         base_model=base,
         datasets=dataset_ids or None,
         tags=BASE_TAGS + ["peft", "adapter"],
-        eval_results=to_model_index(evaluations) if evaluations else None,
+        eval_results=eval_results,
     )
     skip = {"base_model_name_or_path", "peft_type", "revision", "auto_mapping", "task_type", "inference_mode"}
     rows = [(key, f"`{json.dumps(value)}`") for key, value in sorted(adapter_config.items()) if key not in skip and value not in (None, [], {})]
@@ -369,7 +409,8 @@ def build_adapter_card(
         "import modeling_detris  # detris-hf: registers DETRIS with AutoModel and its PEFT method with PEFT\n\n"
         f'base = AutoModel.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{model_id}").eval()\n'
-        f'processor = AutoProcessor.from_pretrained("{base}")'
+        # The adapter's own processor pads the text to the length it was trained with (22 for G-Ref umd).
+        f'processor = AutoProcessor.from_pretrained("{model_id if (folder / "processor_config.json").is_file() else base}")'
     )
     modules_to_save = adapter_config.get("modules_to_save") or []
     base_link = base if "://" in base else f"https://huggingface.co/{base}"
@@ -380,7 +421,8 @@ def build_adapter_card(
         has_head=bool(modules_to_save),
         base_model=base,
         base_model_link=base_link,
-        dataset_note=(f"trained on {', '.join(e.dataset_name for e in evaluations)}" if evaluations else None),
+        dataset_note=_trained_on_note(trained_on, evaluations),
+        source_note=_source_note(conversion),
         usage_snippet=snippet,
         peft_type=peft_type,
         num_parameters=params,
@@ -388,6 +430,28 @@ def build_adapter_card(
         file_size=_human_size((folder / "adapter_model.safetensors").stat().st_size),
         config_rows=rows,
         evaluation_tables=evaluation_tables(evaluations) if evaluations else None,
+        reported_tables=(
+            f"{VARIANT_NAMES.get(variant, variant)}, as reported by the authors for the same splits "
+            f"([official repository]({OFFICIAL_README}), [paper]({PAPER_URL})); not measured on this adapter.\n\n"
+            + evaluation_tables(reported)
+        ) if reported else None,
+    )
+
+
+def _trained_on_note(dataset: str | None, evaluations) -> str | None:
+    from .eval_results import KNOWN_DATASETS
+
+    if dataset:
+        return f"trained on {KNOWN_DATASETS[dataset][0] if dataset in KNOWN_DATASETS else dataset}"
+    return f"trained on {', '.join(e.dataset_name for e in evaluations)}" if evaluations else None
+
+
+def _source_note(conversion: dict) -> str | None:
+    if not conversion.get("file"):
+        return None
+    return (
+        f"Converted with `detris convert --split-adapters` from the official checkpoint `{conversion['file']}` "
+        f"(SHA-256 `{conversion.get('sha256', '?')}`); text length {conversion.get('word_len', '?')} tokens."
     )
 
 
@@ -472,6 +536,7 @@ def main(argv=None) -> int:
 
 __all__ = [
     "CardError",
+    "adapter_variant",
     "build_adapter_card",
     "build_model_card",
     "card_for_folder",

@@ -48,6 +48,9 @@ CUSTOM_PIPELINES = {
     TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [], "type": "multimodal"}
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Copied when present: the adapter's own processor (its text length), and how a folder was converted.
+ADAPTER_EXTRA_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "conversion.json")
+MODEL_EXTRA_FILES = ("backbone_provenance.json", "conversion.json")
 LICENSE_FILES = ("LICENSE_bpe_vocab.md", "LICENSE_open_clip")
 
 
@@ -163,6 +166,9 @@ def export_model_folder(
         for name in LICENSE_FILES:
             if (vocab_dir / name).is_file():
                 shutil.copy2(vocab_dir / name, staging / name)
+        for name in MODEL_EXTRA_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staging / name)
         card = build_model_card(
             model, repo_id, eval_results, remote_code=True, base_models=base_models, datasets=datasets,
             training_notes=training_notes,
@@ -178,7 +184,9 @@ def export_model_folder(
 
 def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, overwrite=False, base_models=None,
                           datasets=None, log=print) -> list[str]:
-    """Copy an adapter-only folder's adapter files and write its card."""
+    """Copy an adapter-only folder's adapter files (and its processor and `conversion.json`, when present) and write
+    its card. With `base_models`, the copy's `base_model_name_or_path` names `base_models[0]` (the base's Hub id, so
+    that `AutoModel.from_pretrained(<adapter repo>)` finds it) instead of the local folder it was saved against."""
     model_dir, output = Path(model_dir), Path(output)
     missing = [name for name in ADAPTER_FILES if not (model_dir / name).is_file()]
     if missing:
@@ -187,8 +195,11 @@ def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, ov
     card = card_for_folder(model_dir, repo_id, eval_results, base_models=base_models, datasets=datasets)
     staging = _prepare_output(output, model_dir, overwrite)
     try:
-        for name in ADAPTER_FILES:
-            shutil.copy2(model_dir / name, staging / name)
+        for name in ADAPTER_FILES + ADAPTER_EXTRA_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staging / name)
+        if base_models:
+            _update_json(staging / "adapter_config.json", lambda data: data.update(base_model_name_or_path=base_models[0]))
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
         _finish(staging, output)

@@ -4,6 +4,9 @@ DIR is exported first (`detris export`, into a temporary folder, with the card's
 it already is an export; then the folder is uploaded with `huggingface_hub.HfApi`: `create_repo` (exist_ok),
 `create_branch` for a `--revision` other than main, and one `upload_folder` commit. The token is the usual Hub
 login (`hf auth login` or the `HF_TOKEN` environment variable).
+
+A Space folder (`detris space`: `app.py` and a README whose YAML header names an `sdk`) is uploaded as it is to a
+Space repository (`repo_type="space"`, created with `space_sdk="gradio"`).
 """
 
 import argparse
@@ -32,18 +35,19 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def upload(folder, repo_id: str, private: bool = False, revision: str | None = None,
-           commit_message: str | None = None, api=None) -> str:
+           commit_message: str | None = None, api=None, repo_type: str = "model") -> str:
     """Create the repository (if needed) and upload `folder` in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    extra = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    repo_url = api.create_repo(repo_id=repo_id, repo_type=repo_type, private=private, exist_ok=True, **extra)
     if revision and revision != "main":
-        api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
+        api.create_branch(repo_id=repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
-        repo_type="model",
+        repo_type=repo_type,
         revision=revision,
         commit_message=commit_message or f"Upload DETRIS ({Path(folder).name}) with detris push",
     )
@@ -57,6 +61,11 @@ def push(model_dir, repo_id: str, private: bool = False, revision: str | None = 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PushError(f"--model {str(model_dir)!r} is not a folder; expected a DETRIS model, adapter or exported folder")
+    from .space import is_space_folder
+
+    if is_space_folder(model_dir):
+        log(f"{model_dir} is a Space folder (detris space): uploading it as a Gradio Space")
+        return upload(model_dir, repo_id, private, revision, commit_message, api, repo_type="space")
     if is_exported_folder(model_dir) and eval_results is None:
         log(f"{model_dir} is already an export: uploading it as is")
         return upload(model_dir, repo_id, private, revision, commit_message, api)
@@ -70,7 +79,7 @@ def push(model_dir, repo_id: str, private: bool = False, revision: str | None = 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="detris push", description="export a DETRIS folder and upload it to the Hub")
-    parser.add_argument("--model", required=True, help="DETRIS model folder, adapter folder, or a `detris export` output")
+    parser.add_argument("--model", required=True, help="DETRIS model folder, adapter folder, a `detris export` output or a `detris space` folder")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")

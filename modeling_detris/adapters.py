@@ -101,7 +101,8 @@ class DenseAligner(nn.Module):
             )
         x0 = self.act(self.down_proj(hidden_states))
         patches = x0[:, self.num_prefix_tokens :]
-        grid = patches.transpose(1, 2).reshape(batch, -1, self.grid_size, self.grid_size)
+        # channels-last view of the patch grid (no copy); the convolutions keep that layout
+        grid = patches.unflatten(1, (self.grid_size, self.grid_size)).permute(0, 3, 1, 2)
         mixed = self.dense_moc(grid) + grid
         mixed = mixed.flatten(2).transpose(1, 2)
         attended = self.cross_attention(mixed, word_features)

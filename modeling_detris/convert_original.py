@@ -6,12 +6,21 @@ refuses, listing the names, if an official tensor is left unused or a model tens
 does not match the chosen variant.
 
     detris convert --checkpoint base_refcoco.pth --variant base --output detris-base-refcoco
+
+A release (every file carries the same frozen DINOv2 and CLIP weights) splits into one base and one small PEFT
+adapter folder per checkpoint (adapters + head), after checking that the frozen tensors are bit-identical:
+
+    detris convert --checkpoint base_refcoco.pth --checkpoint base_refcocog_u.pth --variant base \
+        --split-adapters --output detris-base-release     # -> base/, refcoco/, refcocog-umd/
 """
 
 import argparse
+import json
 import os
 import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,9 +83,11 @@ def dataset_from_checkpoint_name(path) -> str | None:
     return None
 
 
-def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str | None = None) -> tuple[int, str]:
+def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str | None = None,
+                     default: int | None = None) -> tuple[int, str]:
     """`word_len` and a sentence saying where it came from. Nothing in a checkpoint reveals it (17, or 22 for G-Ref
-    umd), so it comes from `word_len`, else `dataset`, else the official file name, else the default 17."""
+    umd), so it comes from `word_len`, else `dataset`, else the official file name, else `default` (a `--config`'s
+    value), else 17."""
     if word_len is not None:
         return int(word_len), f"word_len {word_len} (given)"
     if dataset is not None:
@@ -86,6 +97,8 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
     if from_name is not None:
         value = WORD_LEN_BY_DATASET[from_name]
         return value, f"word_len {value} (dataset {from_name}, from the file name {Path(checkpoint_path).name})"
+    if default is not None:
+        return int(default), f"word_len {default} (from --config)"
     return 17, "word_len 17 (default; pass --word-len 22 or --dataset refcocog-umd for a G-Ref umd checkpoint)"
 
 
@@ -224,48 +237,274 @@ def build_model(config: DetrisConfig):
         return DetrisForReferringSegmentation(config)
 
 
-def convert_checkpoint(checkpoint, variant: str = "base", word_len: int = 17):
-    """Return a `DetrisForReferringSegmentation` holding the weights of an official checkpoint file."""
-    config = DetrisConfig.from_preset(variant, word_len=word_len)
+def load_config(config_or_path, variant: str = "base", word_len: int | None = None) -> DetrisConfig:
+    """The DetrisConfig to convert into: a `DetrisConfig`, a `config.json` file or a model folder, else the preset
+    `variant`; `word_len` (when given) replaces the config's."""
+    if config_or_path is None:
+        config = DetrisConfig.from_preset(variant)
+    elif isinstance(config_or_path, DetrisConfig):
+        config = DetrisConfig.from_dict(config_or_path.to_dict())
+    else:
+        path = Path(config_or_path)
+        if path.is_dir():
+            config = DetrisConfig.from_pretrained(str(path))
+        elif path.is_file():
+            config = DetrisConfig.from_json_file(str(path))
+        else:
+            raise ValueError(f"--config {str(path)!r} does not exist; expected a DETRIS config.json or a model folder")
+    if word_len is not None:
+        config.word_len = int(word_len)
+    config.adapters_in_model = True
+    return config
+
+
+def convert_checkpoint(checkpoint, variant: str = "base", word_len: int = 17, config=None, official=None):
+    """Return a `DetrisForReferringSegmentation` holding the weights of an official checkpoint file. `config`
+    (a `DetrisConfig`, a config.json or a folder) replaces the preset `variant` for a non-preset architecture;
+    `official` is the already loaded state dict of `checkpoint`, if any."""
+    config = load_config(config, variant, word_len)
     model = build_model(config)
-    official = load_official_state_dict(checkpoint)
+    official = load_official_state_dict(checkpoint) if official is None else official
     converted = convert_state_dict(official, config, model.state_dict())
     model.load_state_dict(converted, strict=True)
     model.freeze_backbones()
     return model.eval()
 
 
+# ----- a release: one base + one adapter folder per checkpoint --------------------------------------------------
+CONVERSION_FILE = "conversion.json"
+ADAPTER_FOLDER_NAMES = {
+    "refcoco": "refcoco",
+    "refcoco+": "refcoco-plus",
+    "refcocog-umd": "refcocog-umd",
+    "refcocog-google": "refcocog-google",
+    "mixed": "mixed",
+}
+
+
+def is_frozen_official_key(name: str) -> bool:
+    """The official tensors of the frozen backbones: DINOv2 and CLIP text, adapters excluded."""
+    return name.startswith(("dinov2.", "txt_backbone.")) and ".adapter." not in name
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def differing_frozen_tensors(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> list[str]:
+    """Official names of the frozen backbone tensors that are not bit-for-bit identical in the two state dicts
+    (different values, dtype or shape, or present in only one)."""
+    names = sorted({k for k in reference if is_frozen_official_key(k)} | {k for k in other if is_frozen_official_key(k)})
+    differing = []
+    for name in names:
+        if name not in reference or name not in other:
+            differing.append(f"{name} (only in {'the first' if name in reference else 'this'} checkpoint)")
+        elif not _same_bits(reference[name], other[name]):
+            a, b = reference[name], other[name]
+            if a.dtype != b.dtype or a.shape != b.shape:
+                differing.append(f"{name} ({a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)})")
+            else:
+                differing.append(f"{name} (max |diff| {(a.double() - b.double()).abs().max().item():.3g})")
+    return differing
+
+
+def _per_checkpoint(name: str, values, checkpoints) -> list:
+    if not values:
+        return [None] * len(checkpoints)
+    if len(values) != len(checkpoints):
+        raise ValueError(
+            f"{name} was given {len(values)} time(s) for {len(checkpoints)} --checkpoint(s); expected it once per "
+            "--checkpoint (in the same order) or not at all"
+        )
+    return list(values)
+
+
+def plan_checkpoints(checkpoints, word_lens=None, datasets=None, default_word_len: int | None = None) -> list[dict]:
+    """Per checkpoint: its dataset (given, else from the official file name), `word_len` and where it came from,
+    and the adapter folder name (named after the dataset, else the file name)."""
+    plans = []
+    for path, word_len, dataset in zip(
+        checkpoints, _per_checkpoint("--word-len", word_lens, checkpoints), _per_checkpoint("--dataset", datasets, checkpoints)
+    ):
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--checkpoint {str(path)!r} does not exist; expected an official DETRIS .pth file")
+        key = normalise_dataset_name(dataset) if dataset is not None else dataset_from_checkpoint_name(path)
+        value, origin = resolve_word_len(path, word_len, dataset, default_word_len)
+        folder = ADAPTER_FOLDER_NAMES.get(key) or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-") or "adapter"
+        plans.append({"path": path, "dataset": key, "word_len": value, "word_len_origin": origin, "folder": folder})
+    seen = {}
+    for plan in plans:
+        if plan["folder"] in seen:
+            raise ValueError(
+                f"{seen[plan['folder']].name} and {plan['path'].name} would both become the adapter folder "
+                f"{plan['folder']!r}; expected one checkpoint per dataset (pass --dataset once per --checkpoint)"
+            )
+        if plan["folder"] == "base":
+            raise ValueError(f"{plan['path'].name} would become the adapter folder 'base', which is the base model's")
+        seen[plan["folder"]] = plan["path"]
+    return plans
+
+
+def _source_record(plan: dict, variant: str | None) -> dict:
+    from .provenance import file_sha256
+
+    path = plan["path"]
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "variant": variant,
+        "dataset": plan["dataset"],
+        "word_len": plan["word_len"],
+        "word_len_origin": plan["word_len_origin"],
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _staging(output: Path) -> Path:
+    staging = output.with_name(output.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    return staging
+
+
+def _publish(staging: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staging, output)
+
+
+def convert_release(checkpoints, output, variant: str = "base", config=None, word_lens=None, datasets=None,
+                    save_extras=None, log=print) -> dict:
+    """Split official checkpoints that share their frozen backbones into `output/base` (backbones + the first
+    checkpoint's head, `adapters_in_model=False`, with `backbone_provenance.json`) and one PEFT adapter folder per
+    checkpoint, `output/<dataset>` (adapters + head, its processor with its own `word_len`, `conversion.json`).
+    Refuses, naming the tensors, when a checkpoint's frozen tensors are not bit-identical to the first one's.
+    Written atomically. Returns {"base": path, "adapters": {folder: path}}."""
+    from .peft_detris import split_standalone_model
+    from .provenance import PROVENANCE_FILE, make_provenance
+
+    output = Path(output)
+    default_word_len = load_config(config, variant).word_len if config is not None else None
+    plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len)
+    final_base = (output / "base").resolve()
+    staging = _staging(output)
+    staging.mkdir(parents=True)
+    try:
+        reference, sources, standalone = None, [], None
+        for index, plan in enumerate(plans):
+            log(f"converting {plan['path']} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
+            official = load_official_state_dict(plan["path"])
+            frozen = {k: v for k, v in official.items() if is_frozen_official_key(k)}
+            if reference is None:
+                reference = frozen
+            else:
+                differing = differing_frozen_tensors(reference, frozen)
+                if differing:
+                    raise ValueError(
+                        f"{plan['path'].name} does not share its frozen backbones with {plans[0]['path'].name}: "
+                        f"{len(differing)} tensor(s) differ bit for bit:\n  " + "\n  ".join(differing[:20])
+                        + "\nexpected identical dinov2.* / txt_backbone.* tensors (checkpoints of one release); "
+                        "convert them separately (without --split-adapters) or into separate releases"
+                    )
+            standalone = convert_checkpoint(plan["path"], variant, plan["word_len"], config, official=official)
+            del official
+            base_dir = staging / "base" if index == 0 else None
+            peft_model = split_standalone_model(standalone, base_dir, base_model_name_or_path=str(final_base))
+            source = _source_record(plan, variant if config is None else None)
+            sources.append(source)
+            if base_dir is not None:
+                if save_extras is not None:
+                    save_extras(base_dir, peft_model.base_model.model.config)
+            adapter_dir = staging / plan["folder"]
+            with warnings.catch_warnings():  # PEFT looks for the base's config, which is only published at the end
+                warnings.filterwarnings("ignore", message="Could not find a config file")
+                peft_model.save_pretrained(str(adapter_dir))
+            (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's stub; `detris card` / `push` write ours
+            if save_extras is not None:
+                save_extras(adapter_dir, standalone.config)
+            _write_json(adapter_dir / CONVERSION_FILE, {**source, "kind": "adapter", "base": "../base"})
+            log(f"  adapter {plan['folder']}/ (dataset {plan['dataset']}, word_len {plan['word_len']})")
+            del peft_model
+        base_sources = [{k: s[k] for k in ("file", "sha256", "bytes", "dataset")} for s in sources]
+        _write_json(staging / "base" / PROVENANCE_FILE, make_provenance(standalone, base_sources, variant if config is None else None))
+        _write_json(staging / "base" / CONVERSION_FILE, {
+            "kind": "base", "variant": variant if config is None else None, "checkpoints": base_sources,
+            "head": f"the head of {sources[0]['file']} (each adapter carries its own)",
+            "adapters": [plan["folder"] for plan in plans],
+        })
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {output}/base and {len(plans)} adapter folder(s): {', '.join(p['folder'] for p in plans)}")
+    return {"base": output / "base", "adapters": {p["folder"]: output / p["folder"] for p in plans}}
+
+
+def convert_whole(checkpoint, output, variant: str = "base", config=None, word_len=None, dataset=None,
+                  save_extras=None, log=print) -> Path:
+    """Convert one checkpoint into one whole model folder (config, weights, `conversion.json`; the processor through
+    `save_extras`), written atomically."""
+    output = Path(output)
+    default_word_len = load_config(config, variant).word_len if config is not None else None
+    (plan,) = plan_checkpoints([checkpoint], [word_len] if word_len is not None else None,
+                               [dataset] if dataset is not None else None, default_word_len)
+    log(f"converting {checkpoint} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
+    model = convert_checkpoint(checkpoint, variant, plan["word_len"], config)
+    staging = _staging(output)
+    try:
+        model.save_pretrained(staging)
+        if save_extras is not None:
+            save_extras(staging, model.config)
+        _write_json(staging / CONVERSION_FILE, {**_source_record(plan, variant if config is None else None), "kind": "model"})
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {output}")
+    return output
+
+
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="detris convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="official DETRIS .pth file")
+    parser.add_argument("--checkpoint", required=True, action="append",
+                        help="official DETRIS .pth file (repeatable with --split-adapters)")
     parser.add_argument("--variant", default="base", choices=["base", "large", "large-mixed"])
+    parser.add_argument("--config", default=None,
+                        help="a DETRIS config.json (or model folder) for a non-preset architecture; replaces --variant")
     parser.add_argument("--output", required=True, help="output folder (written atomically)")
-    parser.add_argument("--word-len", type=int, default=None, help="text length (17, or 22 for G-Ref umd)")
-    parser.add_argument("--dataset", default=None, help=f"dataset the checkpoint was trained on: {sorted(WORD_LEN_BY_DATASET)}")
+    parser.add_argument("--word-len", type=int, action="append", default=None,
+                        help="text length (17, or 22 for G-Ref umd); once per --checkpoint")
+    parser.add_argument("--dataset", action="append", default=None,
+                        help=f"dataset the checkpoint was trained on, once per --checkpoint: {sorted(WORD_LEN_BY_DATASET)}")
+    parser.add_argument("--split-adapters", action="store_true",
+                        help="write OUTPUT/base (frozen backbones) + one PEFT adapter folder per checkpoint")
     return parser
 
 
 def main(argv=None, save_extras=None) -> int:
     """`detris convert`. `save_extras(output_dir, config)` may write more files (the CLI passes the processor)."""
     args = build_arg_parser().parse_args(argv)
-    word_len, origin = resolve_word_len(args.checkpoint, args.word_len, args.dataset)
-    print(f"converting {args.checkpoint} as DETRIS-{args.variant} with {origin}", file=sys.stderr)
-    model = convert_checkpoint(args.checkpoint, args.variant, word_len)
-    output = Path(args.output)
-    staging = output.with_name(output.name + ".partial")
-    if staging.exists():
-        import shutil
-
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    if save_extras is not None:
-        save_extras(staging, model.config)
-    if output.exists():
-        import shutil
-
-        shutil.rmtree(output)
-    os.replace(staging, output)
-    print(f"wrote {output}", file=sys.stderr)
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if args.split_adapters:
+        convert_release(args.checkpoint, args.output, args.variant, args.config, args.word_len, args.dataset,
+                        save_extras=save_extras, log=log)
+        return 0
+    if len(args.checkpoint) > 1:
+        raise ValueError(
+            f"{len(args.checkpoint)} --checkpoint files given without --split-adapters; expected one checkpoint, or "
+            "--split-adapters to write one base and one adapter folder per checkpoint"
+        )
+    word_lens = _per_checkpoint("--word-len", args.word_len, args.checkpoint)
+    datasets = _per_checkpoint("--dataset", args.dataset, args.checkpoint)
+    convert_whole(args.checkpoint[0], args.output, args.variant, args.config, word_lens[0], datasets[0],
+                  save_extras=save_extras, log=log)
     return 0
 
 

@@ -38,6 +38,9 @@ class CoordConv(nn.Module):
         xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         coords = torch.stack([grid_x, grid_y]).expand(batch, -1, -1, -1)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # keep the map channels-last (as the vision taps come) so the concatenation and the conv stay in it
+            coords = coords.contiguous(memory_format=torch.channels_last)
         return self.conv(torch.cat([x, coords], dim=1))
 
 
@@ -199,11 +202,25 @@ class DetrisProjector(nn.Module):
         params = self.txt(sentence)
         kernels = params[:, :-1].reshape(batch, channels, self.kernel_size, self.kernel_size)
         bias = params[:, -1]
-        # One group per sample: sample b's map is convolved with sample b's kernel only.
-        logits = F.conv2d(
-            pixels.reshape(1, batch * channels, height, width), kernels, bias, padding=self.kernel_size // 2, groups=batch
-        )
-        return logits.transpose(0, 1)
+        # Sample b's map is convolved with sample b's kernel only.
+        return per_sample_conv2d(pixels, kernels, bias)
+
+
+def per_sample_conv2d(pixels: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`out[b] = conv2d(pixels[b], kernels[b], bias[b], padding=k // 2)`: one output channel per sample, each sample
+    with its own k x k kernel. Computed as one batched matmul over the channels (a map per kernel tap, [B, k*k, H, W])
+    and the sum of the k*k shifted maps, instead of a grouped convolution with one output channel per group, which
+    CPU convolution kernels run at a fraction of their speed. Same arithmetic; works for any memory format."""
+    batch, channels, height, width = pixels.shape
+    size = kernels.shape[-1]
+    pad = size // 2
+    taps = torch.bmm(kernels.reshape(batch, channels, size * size).transpose(1, 2), pixels.reshape(batch, channels, height * width))
+    taps = F.pad(taps.reshape(batch, size * size, height, width), (pad, pad, pad, pad))
+    out = bias[:, None, None]
+    for row in range(size):
+        for col in range(size):
+            out = out + taps[:, row * size + col, row : row + height, col : col + width]
+    return out[:, None]
 
 
 def _head_attn_implementation(config) -> str:

@@ -79,6 +79,51 @@ def count_parameters(model) -> ParameterCounts:
     )
 
 
+HEAD_PREFIXES = ("neck.", "decoder.", "projector.")
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def release_sizes(model, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, int]]:
+    """What each folder of a release holds, counted from the model's state dict (works on the meta device), with
+    floating-point tensors stored in `dtype` (`num_batches_tracked` stays int64; the safetensors header, some tens
+    of kB, comes on top of `bytes`): `standalone` (the whole model), `base` (backbones + head, no adapters),
+    `adapter` (adapters + head: the adapter folder of `detris convert --split-adapters`), `adapters_only` (an
+    adapter folder saved with `modules_to_save=None`). Each: `parameters`, `statistics` (BatchNorm running
+    statistics and counters), `bytes`."""
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    sizes = {name: {"parameters": 0, "statistics": 0, "bytes": 0} for name in ("standalone", "base", "adapter", "adapters_only")}
+    for key, tensor in model.state_dict().items():
+        is_adapter, is_head = ".detris_" in key, key.startswith(HEAD_PREFIXES)
+        kind = "statistics" if key.endswith(STATISTICS) else "parameters"
+        nbytes = tensor.numel() * (itemsize if tensor.is_floating_point() else tensor.element_size())
+        for folder, included in (("standalone", True), ("base", not is_adapter), ("adapter", is_adapter or is_head),
+                                 ("adapters_only", is_adapter)):
+            if included:
+                sizes[folder][kind] += tensor.numel()
+                sizes[folder]["bytes"] += nbytes
+    return sizes
+
+
+def format_sizes(model) -> str:
+    """A markdown table of `release_sizes` in fp32 and bf16 (MB = 10^6 bytes)."""
+    fp32, bf16 = release_sizes(model, torch.float32), release_sizes(model, torch.bfloat16)
+    labels = {
+        "standalone": "whole model (`detris convert`, `to_standalone_model`)",
+        "base": "base: backbones + head (`--split-adapters` base/)",
+        "adapter": "adapter folder: adapters + head (`--split-adapters`)",
+        "adapters_only": "adapters only (`modules_to_save=None`)",
+    }
+    lines = ["| folder | parameters | BatchNorm statistics | fp32 | bf16 |", "|---|---:|---:|---:|---:|"]
+    for key, label in labels.items():
+        lines.append(
+            f"| {label} | {fp32[key]['parameters']:,d} | {fp32[key]['statistics']:,d} | "
+            f"{fp32[key]['bytes'] / 1e6:.1f} MB | {bf16[key]['bytes'] / 1e6:.1f} MB |"
+        )
+    ratio = fp32["adapter"]["bytes"] / fp32["standalone"]["bytes"]
+    lines.append(f"\nadapter folder / whole model: {ratio:.3f} (1/{1 / ratio:.1f}); tensor data only, without the file headers")
+    return "\n".join(lines)
+
+
 def load_for_counting(model_or_preset: str):
     """A preset name is built on the meta device (fast, no memory); anything else is loaded with `from_pretrained`."""
     from .modeling_detris import DetrisForReferringSegmentation
@@ -118,12 +163,18 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser = parser or argparse.ArgumentParser(prog="detris info", description="DETRIS parameter counts")
     parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a model folder / Hub id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--sizes", action="store_true",
+                        help="print the sizes of the release folders (whole, base, adapter) in fp32 and bf16")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
-    counts = count_parameters(load_for_counting(args.model))
+    model = load_for_counting(args.model)
+    if args.sizes:
+        print(format_sizes(model))
+        return 0
+    counts = count_parameters(model)
     if args.json:
         print(json.dumps(dict(asdict(counts), adapters_percent_of_backbone=counts.adapters_percent_of_backbone), indent=2))
     else:

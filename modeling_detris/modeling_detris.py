@@ -23,8 +23,9 @@ from configuration_detris import DetrisConfig
 from .adapters import DenseAligner, TextAdapter
 from .attention import PackedMultiheadAttention
 from .heads import DetrisDecoder, DetrisNeck, DetrisProjector, TextGate
+from .low_precision import low_precision_emulation
 from .peft_detris import DetrisAdapterConfig
-from .tuner_layers import DenseAlignerLayer
+from .tuner_layers import DenseAlignerLayer, DetrisTunerLayer
 
 # Keys a DetrisProcessor output may carry besides the model inputs; the forward accepts and ignores them so that
 # `model(**processor(...))` works.
@@ -251,9 +252,10 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
                 f"pixel_values must have shape [batch, 3, {size}, {size}] (letterboxed by DetrisProcessor), "
                 f"got {list(pixel_values.shape)}"
             )
-        if input_ids.ndim != 2 or input_ids.shape[1] != self.config.word_len:
+        word_len = self.expected_word_len()
+        if input_ids.ndim != 2 or input_ids.shape[1] != word_len:
             raise ValueError(
-                f"input_ids must have shape [batch, word_len={self.config.word_len}] (the model's fixed text length), "
+                f"input_ids must have shape [batch, word_len={word_len}] (the model's fixed text length), "
                 f"got {list(input_ids.shape)}"
             )
         if input_ids.shape[0] != pixel_values.shape[0]:
@@ -262,6 +264,22 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
             )
         if labels is not None and labels.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"labels must have batch size {pixel_values.shape[0]}, got shape {list(labels.shape)}")
+
+    def expected_word_len(self) -> int:
+        """The text length inputs must have: the `word_len` recorded by the active PEFT adapter when it has one (one base
+        model can serve the adapters of several datasets, e.g. G-Ref umd's with 22 tokens beside RefCOCO's with 17),
+        else `config.word_len`."""
+        configs = self.__dict__.get("peft_config")
+        if configs:
+            for module in self.modules():
+                if isinstance(module, DetrisTunerLayer):
+                    if module.disable_adapters:
+                        break
+                    lengths = {getattr(configs.get(name), "word_len", None) for name in module.active_adapters} - {None}
+                    if len(lengths) == 1:
+                        return lengths.pop()
+                    break
+        return self.config.word_len
 
     def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Word features [B, L, D_t] (after the final norm, no padding mask) and sentence features [B, P]
@@ -280,9 +298,8 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
         prefix = self.config.num_prefix_tokens
         grid = self.config.grid_size
         taps = [hidden_states[i + 1] for i in self.config.neck_tap_layers] + [outputs.last_hidden_state]
-        features = tuple(
-            tap[:, prefix:].transpose(1, 2).reshape(tap.shape[0], tap.shape[-1], grid, grid) for tap in taps
-        )
+        # [B, G*G, D] tokens viewed as [B, D, G, G] channels-last maps (no copy); the head's convolutions keep that layout
+        features = tuple(tap[:, prefix:].unflatten(1, (grid, grid)).permute(0, 3, 1, 2) for tap in taps)
         return features, (hidden_states if output_hidden_states else None)
 
     def forward(
@@ -310,11 +327,13 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
         self._check_inputs(pixel_values, input_ids, labels)
         pixel_values = pixel_values.to(self.dtype)
 
-        word_features, text_embeds = self.encode_text(input_ids)
-        vision_features, vision_hidden_states = self.encode_image(pixel_values, word_features, output_hidden_states)
-        neck_output = self.neck(vision_features, text_embeds)
-        decoder_output = self.decoder(neck_output, word_features, word_padding_mask=input_ids == 0)
-        logits = self.projector(decoder_output, text_embeds)
+        # bf16 / fp16 on a CPU without native support: fp32 accumulation inside matmuls and convolutions (no-op otherwise)
+        with low_precision_emulation(pixel_values.device, self.dtype):
+            word_features, text_embeds = self.encode_text(input_ids)
+            vision_features, vision_hidden_states = self.encode_image(pixel_values, word_features, output_hidden_states)
+            neck_output = self.neck(vision_features, text_embeds)
+            decoder_output = self.decoder(neck_output, word_features, word_padding_mask=input_ids == 0)
+            logits = self.projector(decoder_output, text_embeds)
 
         loss = None
         if labels is not None:
@@ -332,15 +351,26 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    @staticmethod
-    def loss_function(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Official loss: BCE-with-logits against the target mask resized (nearest) to the logits' size."""
+    def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Official loss: BCE-with-logits against the target mask resized (nearest) to the logits' size; plus
+        `config.dice_loss_weight` times the mean soft Dice loss per sample when that weight is not 0."""
         if labels.ndim == 3:
             labels = labels[:, None]
         if labels.ndim != 4 or labels.shape[1] != 1:
             raise ValueError(f"labels must have shape [batch, H, W] or [batch, 1, H, W], got {list(labels.shape)}")
-        target = F.interpolate(labels.to(logits.dtype), size=logits.shape[-2:], mode="nearest")
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        target = F.interpolate(labels.to(logits.dtype), size=logits.shape[-2:], mode="nearest").float()
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        if self.config.dice_loss_weight:
+            loss = loss + self.config.dice_loss_weight * soft_dice_loss(logits.float(), target)
+        return loss
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over samples of 1 - (2 |p t| + s) / (|p| + |t| + s), with p = sigmoid(logits)."""
+    probs = logits.sigmoid().flatten(1)
+    target = target.flatten(1)
+    overlap = (probs * target).sum(1)
+    return (1 - (2 * overlap + smooth) / (probs.sum(1) + target.sum(1) + smooth)).mean()
 
 
 def _copy_backbone_weights(target: nn.Module, source: dict[str, torch.Tensor], origin: str):

@@ -157,3 +157,17 @@ def test_default_size_generates_under_a_minute():
     default = RefShapesConfig()
     projected = dt / n * (default.n_train + default.n_validation + default.n_test)
     assert projected < 60, f"default RefShapes would take ~{projected:.0f} s on one core"
+
+
+def test_size_scale_and_expression_types_options():
+    small = build_refshapes(RefShapesConfig(seed=3, n_train=12, n_validation=2, n_test=2))
+    large = build_refshapes(RefShapesConfig(seed=3, n_train=12, n_validation=2, n_test=2, size_scale=1.5,
+                                            expression_types=("colour", "spatial")))
+    radii = lambda ds: np.mean([o["r"] for row in ds for o in json.loads(row["scene"])])  # noqa: E731
+    assert radii(large["train"]) > 1.3 * radii(small["train"])
+    types = {t for split in large.values() for row in split for t in row["expression_types"]}
+    assert types and types <= {"colour", "spatial"}
+    with pytest.raises(ValueError, match=r"expression_types \['ordinals'\] must be a non-empty subset"):
+        RefShapesConfig(expression_types=("ordinals",))
+    with pytest.raises(ValueError, match="size_scale is 3.0, expected a value in"):
+        RefShapesConfig(size_scale=3.0)

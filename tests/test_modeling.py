@@ -32,6 +32,20 @@ def test_forward_shapes_and_loss(tiny_model):
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_dice_loss_weight_adds_a_per_sample_soft_dice_term():
+    torch.manual_seed(0)
+    model = DetrisForReferringSegmentation(tiny_config(dice_loss_weight=0.5)).eval()
+    pixel_values, input_ids, labels = tiny_inputs(model.config)
+    out = model(pixel_values=pixel_values, input_ids=input_ids, labels=labels)
+    target = F.interpolate(labels[:, None], size=out.logits.shape[-2:], mode="nearest")
+    probs = out.logits.sigmoid()
+    dice = [1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1) for p, t in zip(probs, target)]
+    expected = F.binary_cross_entropy_with_logits(out.logits, target) + 0.5 * torch.stack(dice).mean()
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="dice_loss_weight must be >= 0, got -1"):
+        tiny_config(dice_loss_weight=-1.0)
+
+
 def test_only_adapters_and_head_are_trainable(tiny_model):
     trainable = {name for name, p in tiny_model.named_parameters() if p.requires_grad}
     for name in trainable:

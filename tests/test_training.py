@@ -61,9 +61,10 @@ def _write_recipe(path: Path, output_dir: Path, **overrides):
     return path
 
 
-def _run(recipe, env=None):
+def _run(recipe):
+    # One thread each: the two runs must compute identically, and a busy machine must not oversubscribe the cores.
     return subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(recipe)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):

@@ -21,6 +21,9 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 class TrainingConfig:
     # model: a saved DETRIS to fine-tune, else pretrained backbones + a preset, else (demo) random backbones
     model_name_or_path: str | None = None
+    # continue from converted weights: a whole DETRIS folder, or a PEFT adapter folder over its base (the base named
+    # by the adapter's base_model_name_or_path, or by model_name_or_path when given); see docs/release.md
+    init_from: str | None = None
     preset: str = "base"
     vision_backbone: str = "facebook/dinov2-with-registers-base"
     text_backbone: str = "openai/clip-vit-base-patch16"

@@ -38,6 +38,8 @@ def build_model(cfg: TrainingConfig):
     from configuration_detris import DetrisConfig
     from modeling_detris import DetrisForReferringSegmentation
 
+    if cfg.init_from:
+        return load_init_model(cfg)
     if cfg.model_name_or_path:
         return DetrisForReferringSegmentation.from_pretrained(cfg.model_name_or_path, **_config_kwargs(cfg))
     if cfg.random_backbones:
@@ -46,8 +48,55 @@ def build_model(cfg: TrainingConfig):
     return DetrisForReferringSegmentation.from_backbones(cfg.vision_backbone, cfg.text_backbone, config=config)
 
 
+TUNABLE_MODEL_SETTINGS = ("adapter_scale", "decoder_dropout", "vision_adapter_attention_dropout")
+
+
 def _config_kwargs(cfg):
-    return {k: v for k, v in cfg.model_config.items() if k in ("adapter_scale", "decoder_dropout", "vision_adapter_attention_dropout")}
+    return {k: v for k, v in cfg.model_config.items() if k in TUNABLE_MODEL_SETTINGS}
+
+
+def load_init_model(cfg: TrainingConfig):
+    """The model `init_from` names, with adapters and head to train: a whole DETRIS folder (e.g. a converted official
+    checkpoint), or a PEFT adapter folder (e.g. one of `detris convert --split-adapters`) loaded over its base and
+    built into a standalone model (the head is the adapter's copy; the text length is the adapter's `word_len`).
+    Only `adapter_scale` and the dropouts of `model_config` apply: everything else comes from the weights."""
+    from modeling_detris import DetrisAdapterConfig, DetrisForReferringSegmentation, to_standalone_model
+
+    source = Path(cfg.init_from)
+    other = sorted(set(cfg.model_config) - set(TUNABLE_MODEL_SETTINGS))
+    if other:
+        raise ValueError(
+            f"init_from={cfg.init_from!r} takes the architecture from the weights; model_config may only set "
+            f"{list(TUNABLE_MODEL_SETTINGS)}, got {other}"
+        )
+    if (source / "config.json").is_file():
+        if cfg.model_name_or_path:
+            raise ValueError(
+                f"init_from={cfg.init_from!r} is a whole model folder; model_name_or_path={cfg.model_name_or_path!r} "
+                "is only used as the base of an adapter folder: expected one of the two"
+            )
+        return DetrisForReferringSegmentation.from_pretrained(str(source), **_config_kwargs(cfg))
+    if not (source / "adapter_config.json").is_file():
+        raise ValueError(
+            f"init_from={cfg.init_from!r} is neither a DETRIS model folder (config.json) nor a PEFT adapter folder "
+            "(adapter_config.json)"
+        )
+    from peft import PeftModel
+
+    adapter_config = DetrisAdapterConfig.from_pretrained(str(source))
+    base_path = cfg.model_name_or_path or adapter_config.base_model_name_or_path
+    if not base_path:
+        raise ValueError(
+            f"the adapter folder {cfg.init_from!r} names no base model (base_model_name_or_path); set "
+            "model_name_or_path to its DETRIS base folder"
+        )
+    for key, value in _config_kwargs(cfg).items():
+        if hasattr(adapter_config, key):
+            setattr(adapter_config, key, value)
+    base = DetrisForReferringSegmentation.from_pretrained(base_path, **{
+        k: v for k, v in _config_kwargs(cfg).items() if k == "decoder_dropout"})
+    peft_model = PeftModel.from_pretrained(base, str(source), config=adapter_config)
+    return to_standalone_model(peft_model)  # built from the base's config (decoder_dropout) and the adapter's
 
 
 def build_processor(model):
@@ -290,12 +339,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detris train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a YAML file or a preset name (see training/recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    parser.add_argument("--init-from", default=None, metavar="DIR_OR_ADAPTER",
+                        help="continue from converted weights: a DETRIS model folder or a PEFT adapter folder over its base")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
     cfg = load_training_config(args.config, args.set)
+    if args.init_from:
+        cfg.init_from = args.init_from
     try:
         summary = train(cfg)
     except NonFiniteLossError as error:

@@ -104,6 +104,11 @@ class DetrisAdapterConfig(PeftConfig):
         base_text_hidden_size (`int`, filled in): the CLIP text width; both are set from the base model when the
             adapters are injected and saved with them, so a saved adapter set refuses a base of another size (say a
             DETRIS-B adapter on a DETRIS-L base) with a clear message instead of a shape error.
+        word_len (`int`, *optional*): the text length the adapters were trained with (17; 22 for G-Ref umd). A
+            base model serves adapters of several datasets, but the Dense Aligners attend to every token, padding
+            included, so the text length is part of what an adapter learned: while this adapter is active the model
+            expects inputs of this length instead of the base's `config.word_len`. `None` (default): the base's.
+            `split_standalone_model` (and so `detris convert --split-adapters`) records the model's.
         modules_to_save (`list[str]`): extra modules trained and saved with the adapter. Default: the DETRIS head,
             `["neck", "decoder", "projector"]`, which every DETRIS adapter set is trained with. `None` keeps the
             base model's head frozen and out of the adapter file.
@@ -121,6 +126,7 @@ class DetrisAdapterConfig(PeftConfig):
     adapter_batch_norm_eps: float = 1e-3
     base_vision_hidden_size: Optional[int] = None
     base_text_hidden_size: Optional[int] = None
+    word_len: Optional[int] = None
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Derived from vision_adapter_layers / text_adapter_layers; leave it None."}
     )
@@ -152,6 +158,8 @@ class DetrisAdapterConfig(PeftConfig):
             raise ValueError(f"adapter_init must be one of {ADAPTER_INIT_MODES}, got {self.adapter_init!r}")
         if self.adapter_batch_norm_eps <= 0:
             raise ValueError(f"adapter_batch_norm_eps must be > 0, got {self.adapter_batch_norm_eps}")
+        if self.word_len is not None and (isinstance(self.word_len, bool) or not isinstance(self.word_len, int) or self.word_len < 2):
+            raise ValueError(f"word_len must be None or an integer >= 2 (SOT + EOT), got {self.word_len!r}; DETRIS uses 17 or 22")
         if self.bias != "none":
             raise ValueError(f"DETRIS adapters have no bias option: bias must be 'none', got {self.bias!r}")
         for name in ("target_parameters", "layers_to_transform", "layers_pattern"):
@@ -192,8 +200,11 @@ class DetrisAdapterConfig(PeftConfig):
         return cls(**{**settings, **overrides})
 
     def to_model_config_kwargs(self) -> dict:
-        """The `DetrisConfig` fields that build these adapters into a standalone model."""
-        return {name: copy.deepcopy(getattr(self, name)) for name in ADAPTER_FIELDS}
+        """The `DetrisConfig` fields that build these adapters into a standalone model (with `word_len` when set)."""
+        kwargs = {name: copy.deepcopy(getattr(self, name)) for name in ADAPTER_FIELDS}
+        if self.word_len is not None:
+            kwargs["word_len"] = self.word_len
+        return kwargs
 
 
 def _int_list(name, values) -> list[int]:

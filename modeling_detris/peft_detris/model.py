@@ -331,13 +331,18 @@ def _standalone_key(key: str, adapter_name: str, heads_with_copy: set[str]) -> s
     return ".".join(parts)
 
 
-def split_standalone_model(model, base_dir, modules_to_save=("neck", "decoder", "projector")):
+def split_standalone_model(model, base_dir=None, modules_to_save=("neck", "decoder", "projector"),
+                           base_model_name_or_path=None):
     """The inverse of `to_standalone_model`: from a DETRIS with built-in adapters, save the bare base
     (`adapters_in_model=False`: frozen backbones + head) to `base_dir` and return a `PeftModel` over it that holds
     those adapters as adapter "default" (and the head as `modules_to_save`, unless `modules_to_save` is empty), its
     `base_model_name_or_path` pointing at `base_dir`. Outputs are unchanged; `peft_model.save_pretrained(dir)` then
-    writes the small adapter-only folder that `AutoModel.from_pretrained(dir)` loads."""
+    writes the small adapter-only folder that `AutoModel.from_pretrained(dir)` loads.
+
+    `base_dir=None` saves no base (e.g. a further checkpoint of a release whose base is already saved); the adapter
+    then names `base_model_name_or_path`. The adapter config records the model's `word_len`."""
     from peft import get_peft_model
+    from transformers.initialization import no_init_weights
 
     from ..modeling_detris import DetrisForReferringSegmentation
 
@@ -345,16 +350,22 @@ def split_standalone_model(model, base_dir, modules_to_save=("neck", "decoder", 
         raise ValueError("the model has no built-in adapters (adapters_in_model=False); nothing to split")
     config = copy.deepcopy(model.config)
     config.adapters_in_model = False
-    base = DetrisForReferringSegmentation(config)
+    with no_init_weights():  # every tensor is loaded (strictly) right below
+        base = DetrisForReferringSegmentation(config)
     source = model.state_dict()
     base.load_state_dict(
         {k.replace(".mlp.base_layer.", ".mlp."): v for k, v in source.items() if f".{DetrisAdapterModel.prefix}" not in k},
         strict=True,
     )
     base.to(dtype=next(model.parameters()).dtype).train(model.training)
-    base.save_pretrained(base_dir)  # before PEFT wraps the head in place
-    peft_config = DetrisAdapterConfig.from_model_config(model.config, modules_to_save=list(modules_to_save) or None)
-    peft_config.base_model_name_or_path = str(base_dir)
+    if base_dir is not None:
+        base.save_pretrained(base_dir)  # before PEFT wraps the head in place
+    peft_config = DetrisAdapterConfig.from_model_config(
+        model.config, modules_to_save=list(modules_to_save) or None, word_len=model.config.word_len
+    )
+    name = base_model_name_or_path if base_model_name_or_path is not None else base_dir
+    if name is not None:
+        base.name_or_path = str(name)  # get_peft_model takes the adapter's base_model_name_or_path from here
     peft_model = get_peft_model(base, peft_config)
     detris = peft_model.base_model.model
     adapters = {k: source[k] for k in detris.state_dict() if f".{DetrisAdapterModel.prefix}" in k}

@@ -84,6 +84,8 @@ class RefShapesConfig:
     max_sentences: int = 3
     min_visible: float = 0.55
     held_out: tuple = field(default=None)  # (colour, kind) pairs; None -> derived from the seed
+    size_scale: float = 1.0  # multiplies every shape's radius (small ones are 6-8.5 %, large 12-16 % of the side)
+    expression_types: tuple = EXPRESSION_TYPES  # the kinds of expression generated (a subset of EXPRESSION_TYPES)
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -93,6 +95,12 @@ class RefShapesConfig:
         if self.held_out is None:
             self.held_out = held_out_combinations(self.seed)
         self.held_out = tuple(tuple(p) for p in self.held_out)
+        self.expression_types = tuple(self.expression_types)
+        unknown = [t for t in self.expression_types if t not in EXPRESSION_TYPES]
+        if unknown or not self.expression_types:
+            raise ValueError(f"expression_types {list(self.expression_types)} must be a non-empty subset of {list(EXPRESSION_TYPES)}")
+        if not 0.25 <= self.size_scale <= 2.5:
+            raise ValueError(f"size_scale is {self.size_scale}, expected a value in [0.25, 2.5]")
         for c, k in self.held_out:
             if c not in COLOURS or k not in KINDS:
                 raise ValueError(f"held-out combination {(c, k)} is not a (colour, kind) in {list(COLOURS)} x {list(KINDS)}")
@@ -170,7 +178,7 @@ def _place_objects(rng, cfg: RefShapesConfig, split: str):
             if split != "test" and (colour, kind) in held:
                 continue
             big = bool(rng.integers(2))
-            r = size * (rng.uniform(0.12, 0.16) if big else rng.uniform(0.06, 0.085))
+            r = size * cfg.size_scale * (rng.uniform(0.12, 0.16) if big else rng.uniform(0.06, 0.085))
             cx, cy = rng.uniform(r + 2, size - r - 2, size=2)
             full = _shape_mask(kind, cx, cy, r, size)
             grown = _dilate(full)
@@ -342,7 +350,7 @@ def generate_scene(cfg: RefShapesConfig, split: str, index: int):
         for i, o in enumerate(objects):
             if split == "test" and (o["colour"], o["kind"]) not in held:
                 continue
-            cands = candidate_expressions(o, objects, cfg.image_size)
+            cands = [(t, e) for t, e in candidate_expressions(o, objects, cfg.image_size) if t in cfg.expression_types]
             if cands:
                 targets.append((i, cands))
         if targets:
