@@ -25,7 +25,9 @@ on CPU / bf16 on GPU); ``--full-grid`` runs every combination. ``--short`` runs 
 
     detris bench [--device auto|cpu|cuda] [--presets base,large] [--batch-sizes 1,2,4] [--precisions fp32,bf16,fp16]
                  [--attention sdpa,eager] [--benchmarks inference,training,evaluation,data,target]
-                 [--json bench.json] [--markdown bench.md] [--short]
+                 [--full-grid] [--compile] [--json bench.json] [--markdown bench.md] [--short]
+
+Method, results and the speed work: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -390,6 +392,7 @@ def run(args) -> dict:
             log(format_target(results["target"]))
     if is_cuda:
         results["gpu_targets"] = gpu_targets(results["records"])
+    results["memory_fits"] = memory_fits(results["records"], args.memory_fit_batch)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return results
 
@@ -414,6 +417,39 @@ def gpu_targets(records) -> dict:
         out["evaluation"] = {"sentences_per_s": rec["items_per_s"], "seconds_for_3811": seconds_3811, "goal_s": 15,
                              "met": seconds_3811 <= 15}
     return out
+
+
+MEMORY_GOAL_BYTES = 80e9  # issue #7: DETRIS-L training at batch 32 fits in 80 GB
+
+
+def memory_fits(records, batch: int) -> list[dict]:
+    """Peak memory against batch size, least squares over the measured points of each (benchmark, model, precision,
+    attention) with two or more batch sizes: `fixed + per_sample * batch`, and the value at `batch`. A measured row
+    at that batch, where there is one, is reported beside the fit; it, not the fit, is the figure to trust."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("peak_memory_bytes") and r["benchmark"] in ("inference", "training") and not r.get("error"):
+            attention = r["attention"] + (" compiled" if r.get("compiled") else "")
+            key = (r["benchmark"], r["preset"], r["model"], r["input_size"], r["precision"], r.get("precision_mode"), attention)
+            groups.setdefault(key, []).append(r)
+    fits = []
+    for (benchmark, preset, model, size, precision, mode, attention), rows in groups.items():
+        sizes = sorted({r["batch_size"] for r in rows})
+        if len(sizes) < 2:
+            continue
+        xs = [float(r["batch_size"]) for r in rows]
+        ys = [float(r["peak_memory_bytes"]) for r in rows]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        per_sample = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        fixed = my - per_sample * mx
+        measured = [r["peak_memory_bytes"] for r in rows if r["batch_size"] == batch]
+        fits.append({"benchmark": benchmark, "preset": preset, "model": model, "input_size": size, "precision": precision,
+                     "precision_mode": mode, "attention": attention, "batch_sizes": sizes,
+                     "fixed_bytes": fixed, "per_sample_bytes": per_sample, "batch": batch,
+                     "predicted_bytes": fixed + per_sample * batch,
+                     "measured_bytes": measured[0] if measured else None,
+                     "max_residual_bytes": max(abs(y - fixed - per_sample * x) for x, y in zip(xs, ys))})
+    return fits
 
 
 # ----- reports -----------------------------------------------------------------------------------------------------
@@ -480,6 +516,20 @@ def markdown(results: dict) -> str:
                       f"bf16 / official {t['bf16_vs_official_speed']:.2f}x; fp32 target (>= 85 %) "
                       f"{'met' if t['fp32_target_met'] else 'not met'}; bf16 target: {t['bf16_target']}; plain bf16 "
                       f"matmul here {t['bf16_raw_matmul_flops_per_s'] / 1e9:.2f} GFLOP/s."]
+    fits = results.get("memory_fits") or []
+    if fits:
+        lines += ["", f"Peak memory against batch size (least squares over the measured batch sizes; the value at batch "
+                      f"{fits[0]['batch']} is a linear extrapolation unless a measured row is given; issue #7's goal: "
+                      f"DETRIS-L training at batch 32 within {MEMORY_GOAL_BYTES / 1e9:.0f} GB):", "",
+                  "| benchmark | model | precision | attention | measured batches | fixed (MiB) | per sample (MiB) | "
+                  "worst residual (MiB) | at batch (GB) | measured there (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for f in fits:
+            precision = f["precision"] + (" autocast" if f.get("precision_mode") == "autocast" else "")
+            measured = "-" if f["measured_bytes"] is None else f"{f['measured_bytes'] / 1e9:.1f}"
+            lines.append(f"| {f['benchmark']} | {f['model']} @{f['input_size']} | {precision} | {f['attention']} | "
+                         f"{', '.join(map(str, f['batch_sizes']))} | {_fmt_bytes(f['fixed_bytes'])} | "
+                         f"{_fmt_bytes(f['per_sample_bytes'])} | {_fmt_bytes(f['max_residual_bytes'])} | "
+                         f"{f['batch']}: {f['predicted_bytes'] / 1e9:.1f} | {measured} |")
     g = results.get("gpu_targets")
     if g:
         lines += ["", "GPU targets (DETRIS-B, bf16): " + "; ".join(
@@ -521,6 +571,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-workers", type=int, default=None, help="data-loader workers in the evaluation (0 CPU / 8 CUDA)")
     p.add_argument("--target-rounds", type=int, default=None, help="alternating rounds of the CPU target check (5)")
     p.add_argument("--target-threads", type=int, default=None, help="threads of the CPU target check (issue #7: 2)")
+    p.add_argument("--memory-fit-batch", type=int, default=32,
+                   help="batch size at which the peak-memory fits are evaluated (issue #7's DETRIS-L goal: 32)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the markdown table here")
     p.add_argument("--quiet", action="store_true")

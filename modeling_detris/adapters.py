@@ -92,7 +92,7 @@ class DenseAligner(nn.Module):
         self.up_proj = nn.Linear(width, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, word_features: torch.Tensor) -> torch.Tensor:
-        batch, num_tokens, _ = hidden_states.shape
+        num_tokens = hidden_states.shape[1]
         expected = self.num_prefix_tokens + self.grid_size**2
         if num_tokens != expected:
             raise ValueError(

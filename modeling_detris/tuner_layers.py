@@ -46,6 +46,18 @@ class DetrisTunerLayer(nn.Module, BaseTunerLayer):
         # statistics (a fresh nn.Module would start in train mode).
         self.training = base_layer.training
 
+    # Tensors from the last forward that the layer keeps as side inputs (see the module docstring). They belong to
+    # that forward, not to the layer: copies and pickles of the model leave them out (a copy made after a training
+    # step would otherwise fail on the non-leaf tensor, and a pickle would carry activations).
+    transient_attributes: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in self.transient_attributes:
+            if name in state:
+                state[name] = None
+        return state
+
     def _build_adapter(self, **kwargs) -> nn.Module:
         raise NotImplementedError
 
@@ -106,6 +118,7 @@ class DenseAlignerLayer(DetrisTunerLayer):
 
     adapter_layer_names = ("detris_dense_aligner",)
     adapter_attr = "detris_dense_aligner"
+    transient_attributes = ("word_features",)
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, scale: float, init_mode: str = "official", inference_mode: bool = False, **kwargs
@@ -148,6 +161,7 @@ class TextAdapterLayer(DetrisTunerLayer):
 
     adapter_layer_names = ("detris_text_adapter",)
     adapter_attr = "detris_text_adapter"
+    transient_attributes = ("_stream",)
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, scale: float, init_mode: str = "official", inference_mode: bool = False, **kwargs

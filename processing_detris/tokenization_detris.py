@@ -14,6 +14,11 @@ The official DETRIS text pipeline (OpenAI's `simple_tokenizer`) does, for every 
 this package (no download), with step 1 applied in Python before the Rust tokenizer runs, `pad_token="!"`
 (id 0) and `model_max_length=word_len`. Call it with `padding="max_length", truncation=True` (the
 [`DetrisProcessor`] does) to get the official ids.
+
+The ids equal the official ones on any expression (tests/test_processing_tokenizer.py compares them with an
+independent BPE on random text: accents, CJK, emoji, HTML entities, odd whitespace), with one deliberate exception:
+the literal strings `<|startoftext|>` / `<|endoftext|>` typed inside an expression are tokenised as text here,
+while the official tokenizer may turn them into the SOT / EOT ids.
 """
 
 import gzip

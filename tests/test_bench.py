@@ -113,6 +113,26 @@ def test_short_bench_through_the_cli(tmp_path, one_thread):
     assert table.startswith("Machine: ") and "| inference | DETRIS-tiny @56 | 2 | fp32 | sdpa |" in table
     assert "| training | DETRIS-tiny @56 | 2 | bf16 autocast | sdpa |" in table
     assert "data loading (official)" in table and "CPU target" in table
+    fits = {(f["benchmark"], f["precision"], f["attention"]): f for f in results["memory_fits"]}
+    assert set(fits) == {("inference", "fp32", "sdpa"), ("training", "fp32", "sdpa")}  # the batch sizes 1, 2 rows
+    assert all(f["batch_sizes"] == [1, 2] and f["batch"] == 32 for f in fits.values())
+    assert "Peak memory against batch size" in table
+
+
+def test_memory_fit_is_least_squares_over_the_measured_batches():
+    from benchmarks.bench_model import memory_fits
+
+    def row(batch, mib, precision="fp32", **extra):
+        return {"benchmark": "training", "preset": "large", "model": "DETRIS-L", "input_size": 448, "batch_size": batch,
+                "precision": precision, "attention": "sdpa", "peak_memory_bytes": mib * 2**20, **extra}
+
+    rows = [row(1, 3000), row(2, 5000), row(4, 9000), row(2, 7000, "bf16"), row(8, 1, "fp16", error="out of memory")]
+    (fit,) = memory_fits(rows, batch=32)  # bf16 has one batch size, the failed fp16 point is left out
+    assert fit["batch_sizes"] == [1, 2, 4] and fit["max_residual_bytes"] == pytest.approx(0, abs=1e-3)
+    assert fit["per_sample_bytes"] == pytest.approx(2000 * 2**20) and fit["fixed_bytes"] == pytest.approx(1000 * 2**20)
+    assert fit["predicted_bytes"] == pytest.approx(65000 * 2**20) and fit["measured_bytes"] is None
+    (fit,) = memory_fits(rows + [row(32, 60000)], batch=32)
+    assert fit["measured_bytes"] == 60000 * 2**20
 
 
 def test_bench_rejects_unknown_options(capsys):

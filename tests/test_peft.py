@@ -526,6 +526,24 @@ def test_deepcopy_keeps_working_hooks(inputs):
     logits(model, inputs)
 
 
+
+def test_copy_and_pickle_after_a_training_step_leave_the_last_forward_behind(inputs):
+    """Copying a model right after a training step (best-model snapshots, EMA) works and carries no activations."""
+    import pickle
+
+    base = make_base()
+    model = get_peft_model(base, adapter_config(base.config))
+    model.train()
+    model(pixel_values=inputs[0], input_ids=inputs[1], labels=inputs[2]).loss.backward()
+    model.eval()
+    twin = copy.deepcopy(model)
+    for layer in twin.modules():
+        for name in getattr(layer, "transient_attributes", ()):
+            assert getattr(layer, name) is None
+    torch.testing.assert_close(logits(twin, inputs), logits(model, inputs), rtol=0, atol=0)
+    state = pickle.loads(pickle.dumps(model.get_base_model().vision_model.encoder.layer[1].mlp))
+    assert state.word_features is None
+
 def test_peft_status_helpers(inputs):
     base = make_base()
     model = get_peft_model(base, adapter_config(base.config))

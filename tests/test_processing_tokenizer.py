@@ -60,3 +60,37 @@ def test_save_and_reload_gives_same_ids(tokenizer, tmp_path):
     kwargs = dict(padding="max_length", truncation=True, max_length=22)
     assert reloaded(sentences, **kwargs)["input_ids"] == GOLDEN["input_ids"]["22"]
     assert reloaded.pad_token_id == 0
+
+
+def random_expressions(count: int, seed: int) -> list[str]:
+    """Expressions no fixture has: RefCOCO-like words with typos, plus raw character soup (accents, CJK, emoji,
+    HTML entities, odd whitespace, contractions, digits, mojibake)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the man on left right red blue shirt girl's umbrella 2nd third woman holding zebra giraffe far near "
+             "top bottom can't guy we'll").split()
+    characters = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.;:'\"!?-_/()[]{}&#@$%*+=<>|\\~`^\t\n")
+    characters += list("éèêëàâäôöûüçñßæøåÉÀÇÑΩλπ中文左边的猫日本語한국어😀👍🏽🇫🇷\u00a0\u2003\u200b\u0301ﬁ①²½₂")
+    characters += ["&amp;", "&#39;", "&lt;", "&gt;", "&quot;", "&nbsp;", "'s", "'ll", "'re", "n't", "&amp;amp;", "â€™"]
+    expressions = []
+    for _ in range(count):
+        if rng.random() < 0.4:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 25)))
+            text = "".join(c if rng.random() > 0.1 else rng.choice(characters) for c in text)
+        else:
+            text = "".join(rng.choice(characters) for _ in range(rng.randint(0, 40)))
+        expressions.append(text)
+    return expressions
+
+
+@pytest.mark.parametrize("word_len", [17, 22, 40])
+def test_ids_match_an_independent_bpe_on_random_expressions(tokenizer, word_len):
+    from processing_detris.tokenization_detris import VOCAB_ARCHIVE
+    from clip_bpe_reference import ReferenceClipBpe
+
+    reference = ReferenceClipBpe(VOCAB_ARCHIVE)
+    expressions = random_expressions(400, seed=word_len)
+    ours = tokenizer(expressions, padding="max_length", truncation=True, max_length=word_len)["input_ids"]
+    mismatches = [(text, a, reference(text, word_len)) for text, a in zip(expressions, ours) if a != reference(text, word_len)]
+    assert not mismatches, f"{len(mismatches)} of {len(expressions)} differ, first: {mismatches[0]}"
