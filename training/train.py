@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training import checkpointing
 from training.evaluation import eval_loader, evaluate_model, sentence_view
-from training.recipes import TrainingConfig, load_training_config
+from training.recipes import OPTIMIZER_IMPLEMENTATIONS, TrainingConfig, load_training_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -164,7 +164,8 @@ def build_optimizer(model, cfg: TrainingConfig):
     adapters = [p for n, p in model.named_parameters() if p.requires_grad and ".detris_" in n]
     head = [p for n, p in model.named_parameters() if p.requires_grad and ".detris_" not in n]
     groups = [g for g in ({"params": adapters}, {"params": head}) if g["params"]]
-    return torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    implementation = OPTIMIZER_IMPLEMENTATIONS[cfg.optimizer_implementation]
+    return torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **implementation)
 
 
 # ----- the loop -------------------------------------------------------------------------------------------------
