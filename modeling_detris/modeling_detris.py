@@ -62,6 +62,10 @@ class DetrisSegmentationOutput(ModelOutput):
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
+# CLIP's initial contrastive temperature, log(1 / 0.07)
+CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+
 class DetrisVisionEmbeddings(Dinov2WithRegistersEmbeddings):
     """DINOv2 embeddings with the original position-embedding interpolation.
 
@@ -125,6 +129,8 @@ class DetrisPreTrainedModel(PreTrainedModel):
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
             init.zeros_(module.out_proj.bias)
+        if module is self and isinstance(getattr(module, "logit_scale", None), nn.Parameter):
+            init.constant_(module.logit_scale, CLIP_LOGIT_SCALE_INIT)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -153,7 +159,7 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
         self.projector = DetrisProjector(config)
         # CLIP's contrastive temperature: unused by DETRIS, kept (frozen) so a converted official checkpoint keeps
         # every one of its tensors and the parameter counts match the official ones.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=False)
+        self.logit_scale = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT), requires_grad=False)
         self._check_head_widths(config)
         if config.adapters_in_model:
             self.add_detris_adapters(config)
@@ -241,6 +247,9 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
 
     # ----- forward ---------------------------------------------------------------------------------------------
     def _check_inputs(self, pixel_values, input_ids, labels):

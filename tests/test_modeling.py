@@ -101,6 +101,35 @@ def test_save_and_reload_identical_through_auto_model(tiny_model, tmp_path):
     }
 
 
+
+def test_weights_missing_from_a_checkpoint_get_the_fresh_model_initialisation(tiny_model, tmp_path):
+    """A checkpoint with only the backbones (e.g. a base without head): every missing tensor is initialised as a freshly
+    built model's would be, none is left as uninitialised memory (CLIP's unused logit_scale included)."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    backbones = {k: v for k, v in weights.items() if k.startswith(("vision_model.", "text_model.")) and ".detris_" not in k}
+    assert len(backbones) < len(weights) and "logit_scale" not in backbones
+    save_file(backbones, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = DetrisForReferringSegmentation.from_pretrained(tmp_path)
+    fresh = dict(tiny_model.state_dict())
+    assert loaded.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    for name, tensor in loaded.state_dict().items():
+        assert torch.isfinite(tensor.float()).all(), name
+        if name.startswith(("neck.", "decoder.", "projector.")) and tensor.is_floating_point() and tensor.numel() > 16:
+            reference = fresh[name].float()
+            assert tensor.float().std() <= 2 * reference.std() + 1e-6 and tensor.abs().max() <= 2 * reference.abs().max() + 1e-6, name
+
+
+def test_input_embeddings_are_the_text_token_embeddings(tiny_model):
+    embeddings = tiny_model.get_input_embeddings()
+    assert embeddings is tiny_model.text_model.text_model.embeddings.token_embedding
+    replacement = torch.nn.Embedding(embeddings.num_embeddings, embeddings.embedding_dim)
+    tiny_model.set_input_embeddings(replacement)
+    assert tiny_model.get_input_embeddings() is replacement
+    tiny_model.set_input_embeddings(embeddings)
+
 def test_eager_and_sdpa_agree(tiny_model):
     pixel_values, input_ids, _ = tiny_inputs(tiny_model.config)
     outputs = {}
