@@ -126,7 +126,7 @@ def chromium():
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:
-            reason = "Playwright for Python is not installed (pip install -e '.[space]')"
+            reason = "Playwright for Python is not installed (pip install -e '.[dev]')"
     if reason:
         if os.environ.get("DETRIS_REQUIRE_BROWSER") == "1":
             pytest.fail(reason + "; DETRIS_REQUIRE_BROWSER=1 (CI) does not allow skipping the browser test")
