@@ -2,19 +2,49 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+comma := ,
 # CPU build by default; for CUDA: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser demo test clean
+# requirements/lock.txt pins every package at the version the suite passed with (made by `make lock`, pip-tools);
+# installs use it as a constraints file, so a CUDA build of the same torch release satisfies it too.
+LOCK := requirements/lock.txt
+EXTRAS := train,dev,space
+PIP_TOOLS_SPEC ?= pip-tools==7.7.0
+LATEST_VENV ?= .venv-latest
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+.PHONY: install lock test-latest browser demo test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[train,dev,space]"
+	$(PY) -m pip install --quiet -c $(LOCK) $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve the lock from setup.cfg's ranges (newest allowed versions; torch from requirements/torch.txt), then
+# reinstall. Commit the new lock only with `make test` green on it.
+lock:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(PIP_TOOLS_SPEC)
+	$(VENV)/bin/pip-compile --quiet --upgrade --strip-extras --no-emit-index-url --no-emit-find-links \
+	  $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) --constraint requirements/torch.txt --output-file $(LOCK) setup.cfg
+	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+$$/\1/' $(LOCK)
+	rm -f $(VENV)/.installed
+	$(MAKE) install
+
+# A fresh environment from the newest versions setup.cfg allows (no lock), then the whole suite: a breaking upstream
+# release shows here before a user meets it. LATEST_EXTRA="transformers==5.25.0" tries a version outside the ranges.
+test-latest: browser
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" $(LATEST_EXTRA)
+	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|huggingface.hub|safetensors|evaluate)=='
+	$(LATEST_VENV)/bin/python -m pytest tests
 
 demo: install
 	$(PY) -m training.demo --output demo_output
@@ -35,4 +65,4 @@ test: install browser
 	$(PY) -m pytest tests
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) demo_output .pytest_cache
