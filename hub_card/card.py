@@ -14,16 +14,24 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-# The public backbones (one table, shared with the provenance records) and the authors' numbers (one table too).
-from modeling_detris.provenance import PUBLIC_TEXT as CLIP_TEXT_HUB_ID
-from modeling_detris.provenance import PUBLIC_VISION as DINOV2_HUB_IDS
+from configuration_detris.release import (
+    DATASET_ALIASES,
+    DATASET_CARD_NAMES,
+    OFFICIAL_README,
+    PAPER_URL,
+    PUBLIC_TEXT_BACKBONE,
+    PUBLIC_VISION_BACKBONES,
+    REPORTED,
+    REPORTED_SPLITS,
+    VARIANT_NAMES,
+    reported_evaluation,
+)
 
 from .eval_results import METRIC_NAMES, load_eval_results, parse_evaluation, to_model_index
-from .reported import OFFICIAL_README, PAPER_URL, REPORTED, REPORTED_SPLITS, reported_evaluation
 
 TEMPLATES = Path(__file__).parent  # *_card_template.md (package data: setup.cfg ships *.md)
 BASE_TAGS = ["detris", "referring-image-segmentation", "image-segmentation", "vision-language", "dinov2", "clip"]
-VARIANT_NAMES = {"base": "DETRIS-B", "large": "DETRIS-L", "large-mixed": "DETRIS-L* (mixed RefCOCO/+/G-Ref training)"}
+CARD_VARIANT_NAMES = {**VARIANT_NAMES, "large-mixed": f"{VARIANT_NAMES['large-mixed']} (mixed RefCOCO/+/G-Ref training)"}
 
 OFFICIAL_RECIPE = """The official recipe (`jiaqihuang01/DETRIS` configs), which `detris train` reproduces:
 
@@ -75,12 +83,12 @@ def detect_variant(config) -> str | None:
 def default_base_models(config) -> list[str]:
     """The public checkpoints DETRIS starts from, where the backbone shapes match them."""
     models = []
-    vision = DINOV2_HUB_IDS.get((config.vision_config.hidden_size, config.vision_config.num_hidden_layers))
+    vision = PUBLIC_VISION_BACKBONES.get((config.vision_config.hidden_size, config.vision_config.num_hidden_layers))
     if vision is not None:
         models.append(vision)
     text = config.text_config
     if (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (512, 12, 49408):
-        models.append(CLIP_TEXT_HUB_ID)
+        models.append(PUBLIC_TEXT_BACKBONE)
     return models
 
 
@@ -178,7 +186,7 @@ def reported_table(variant: str | None) -> str | None:
     for metric, values in REPORTED[variant].items():
         rows.append(f"| {metric} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
     return (
-        f"{VARIANT_NAMES[variant]} as reported in the [official repository]({OFFICIAL_README}) "
+        f"{CARD_VARIANT_NAMES[variant]} as reported in the [official repository]({OFFICIAL_README}) "
         f"([paper]({PAPER_URL}); its Table 1 reports mIoU). These are the authors' numbers, not measured on this "
         "checkpoint.\n\n" + "\n".join(rows)
     )
@@ -246,7 +254,7 @@ def build_model_card(
         eval_results=eval_results,
     )
     vision, text = config.vision_config, config.text_config
-    description = VARIANT_NAMES.get(variant, "a custom DETRIS configuration")
+    description = CARD_VARIANT_NAMES.get(variant, "a custom DETRIS configuration")
     reported = reported_table(variant)
     if not config.adapters_in_model:
         description = (
@@ -363,7 +371,6 @@ def build_adapter_card(
     """The card of an adapter-only folder (PEFT format); it names the base model the adapter needs, the dataset it
     was trained on (from `conversion.json` or the evaluations) and, beside an evaluation of ours, the numbers the
     authors report for the same splits (marked as reported in `model-index`)."""
-    from .eval_results import DATASET_ALIASES, KNOWN_DATASETS
 
     folder = Path(folder)
     adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -382,8 +389,8 @@ def build_adapter_card(
     dataset_ids = list(datasets or [])
     trained_on = conversion.get("dataset")
     trained_on = DATASET_ALIASES.get(trained_on, trained_on) if trained_on else None
-    if trained_on in KNOWN_DATASETS and KNOWN_DATASETS[trained_on][3] and KNOWN_DATASETS[trained_on][3] not in dataset_ids:
-        dataset_ids.append(KNOWN_DATASETS[trained_on][3])
+    if trained_on in DATASET_CARD_NAMES and DATASET_CARD_NAMES[trained_on][3] and DATASET_CARD_NAMES[trained_on][3] not in dataset_ids:
+        dataset_ids.append(DATASET_CARD_NAMES[trained_on][3])
     for evaluation in evaluations:
         if evaluation.hub_dataset and evaluation.hub_dataset not in dataset_ids:
             dataset_ids.append(evaluation.hub_dataset)
@@ -431,7 +438,7 @@ def build_adapter_card(
         config_rows=rows,
         evaluation_tables=evaluation_tables(evaluations) if evaluations else None,
         reported_tables=(
-            f"{VARIANT_NAMES.get(variant, variant)}, as reported by the authors for the same splits "
+            f"{CARD_VARIANT_NAMES.get(variant, variant)}, as reported by the authors for the same splits "
             f"([official repository]({OFFICIAL_README}), [paper]({PAPER_URL})); not measured on this adapter.\n\n"
             + evaluation_tables(reported)
         ) if reported else None,
@@ -439,10 +446,9 @@ def build_adapter_card(
 
 
 def _trained_on_note(dataset: str | None, evaluations) -> str | None:
-    from .eval_results import KNOWN_DATASETS
 
     if dataset:
-        return f"trained on {KNOWN_DATASETS[dataset][0] if dataset in KNOWN_DATASETS else dataset}"
+        return f"trained on {DATASET_CARD_NAMES[dataset][0] if dataset in DATASET_CARD_NAMES else dataset}"
     return f"trained on {', '.join(e.dataset_name for e in evaluations)}" if evaluations else None
 
 

@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configuration_detris.release import DATASET_ALIASES, DATASET_CARD_NAMES
+
 METRIC_NAMES = ("mIoU", "oIoU", "Pr@50", "Pr@60", "Pr@70", "Pr@80", "Pr@90")
 METRIC_DESCRIPTIONS = {
     "mIoU": "mean IoU",
@@ -41,16 +43,6 @@ METRIC_DESCRIPTIONS = {
     **{f"Pr@{t}": f"precision at IoU > 0.{t // 10}" for t in (50, 60, 70, 80, 90)},
 }
 
-# name -> (display name, model-index dataset type, dataset config, Hub dataset id for the `datasets:` metadata)
-KNOWN_DATASETS = {
-    "refcoco": ("RefCOCO (UNC)", "jxu124/refcoco", "unc", "jxu124/refcoco"),
-    "refcoco+": ("RefCOCO+ (UNC)", "jxu124/refcocoplus", "unc", "jxu124/refcocoplus"),
-    "refcocog-umd": ("G-Ref (UMD)", "jxu124/refcocog", "umd", "jxu124/refcocog"),
-    "refcocog-google": ("G-Ref (Google)", "refcocog", "google", None),
-    "mixed": ("RefCOCO + RefCOCO+ + G-Ref (UMD), mixed", "refcoco-mixed", "mixed", None),
-}
-# dataset name spellings: one table, shared with the converter
-from modeling_detris.convert_original import DATASET_ALIASES  # noqa: E402
 UNITS = ("fraction", "percent")
 _TOP_KEYS = {"dataset", "results", "units", "source", "dataset_name", "dataset_type", "dataset_config"}
 
@@ -118,8 +110,8 @@ def parse_evaluation(entry: dict, where: str = "evaluation") -> DatasetEvaluatio
     if units not in UNITS:
         raise EvalResultsError(f"{where}.units must be one of {list(UNITS)}, got {units!r}")
     key = DATASET_ALIASES.get(dataset.lower(), dataset.lower())
-    if key in KNOWN_DATASETS:
-        name, dtype, config, hub = KNOWN_DATASETS[key]
+    if key in DATASET_CARD_NAMES:
+        name, dtype, config, hub = DATASET_CARD_NAMES[key]
     else:
         key, name, dtype, config, hub = dataset, dataset, dataset, None, (dataset if "/" in dataset else None)
     evaluation = DatasetEvaluation(
@@ -227,7 +219,6 @@ def to_model_index(evaluations: list[DatasetEvaluation]):
 __all__ = [
     "DatasetEvaluation",
     "EvalResultsError",
-    "KNOWN_DATASETS",
     "METRIC_NAMES",
     "SplitResult",
     "load_eval_results",

@@ -26,26 +26,13 @@ from pathlib import Path
 import torch
 
 from configuration_detris import DetrisConfig
-
-WORD_LEN_BY_DATASET = {
-    "refcoco": 17,
-    "refcoco+": 17,
-    "refcocog-google": 17,
-    "refcocog-umd": 22,
-    "mixed": 17,
-}
-DATASET_ALIASES = {
-    "refcocog_u": "refcocog-umd",
-    "refcocog-u": "refcocog-umd",
-    "refcocog_umd": "refcocog-umd",
-    "refcocog_g": "refcocog-google",
-    "refcocog-g": "refcocog-google",
-    "refcocog_google": "refcocog-google",
-    "refcoco_plus": "refcoco+",
-    "refcocoplus": "refcoco+",
-    "refcoco_mixed": "mixed",
-    "mix": "mixed",
-}
+from configuration_detris.release import (
+    DATASET_FOLDER_NAMES,
+    DEFAULT_WORD_LEN,
+    WORD_LEN,
+    canonical_dataset,
+    dataset_from_checkpoint_name,
+)
 
 _ADAPTER_RENAMES = [
     ("D_fc1.", "down_proj."),
@@ -60,29 +47,6 @@ _ADAPTER_RENAMES = [
 ]
 
 
-def normalise_dataset_name(name: str) -> str:
-    key = name.lower()
-    key = DATASET_ALIASES.get(key, key)
-    if key not in WORD_LEN_BY_DATASET:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(WORD_LEN_BY_DATASET)}")
-    return key
-
-
-def dataset_from_checkpoint_name(path) -> str | None:
-    """The dataset an official release file is named after (`base_refcocog_u.pth` -> `refcocog-umd`), or None."""
-    stem = Path(path).stem.lower()
-    for token, dataset in (
-        ("refcocog_u", "refcocog-umd"),
-        ("refcocog_g", "refcocog-google"),
-        ("refcoco+", "refcoco+"),
-        ("mix", "mixed"),
-        ("refcoco", "refcoco"),
-    ):
-        if token in stem:
-            return dataset
-    return None
-
-
 def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str | None = None,
                      default: int | None = None) -> tuple[int, str]:
     """`word_len` and a sentence saying where it came from. Nothing in a checkpoint reveals it (17, or 22 for G-Ref
@@ -91,15 +55,15 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
     if word_len is not None:
         return int(word_len), f"word_len {word_len} (given)"
     if dataset is not None:
-        key = normalise_dataset_name(dataset)
-        return WORD_LEN_BY_DATASET[key], f"word_len {WORD_LEN_BY_DATASET[key]} (dataset {key})"
+        key = canonical_dataset(dataset)
+        return WORD_LEN[key], f"word_len {WORD_LEN[key]} (dataset {key})"
     from_name = dataset_from_checkpoint_name(checkpoint_path) if checkpoint_path else None
     if from_name is not None:
-        value = WORD_LEN_BY_DATASET[from_name]
+        value = WORD_LEN[from_name]
         return value, f"word_len {value} (dataset {from_name}, from the file name {Path(checkpoint_path).name})"
     if default is not None:
         return int(default), f"word_len {default} (from --config)"
-    return 17, "word_len 17 (default; pass --word-len 22 or --dataset refcocog-umd for a G-Ref umd checkpoint)"
+    return DEFAULT_WORD_LEN, f"word_len {DEFAULT_WORD_LEN} (default; pass --word-len 22 or --dataset refcocog-umd for a G-Ref umd checkpoint)"
 
 
 def load_official_state_dict(path) -> dict[str, torch.Tensor]:
@@ -273,13 +237,6 @@ def convert_checkpoint(checkpoint, variant: str = "base", word_len: int = 17, co
 
 # ----- a release: one base + one adapter folder per checkpoint --------------------------------------------------
 CONVERSION_FILE = "conversion.json"
-ADAPTER_FOLDER_NAMES = {
-    "refcoco": "refcoco",
-    "refcoco+": "refcoco-plus",
-    "refcocog-umd": "refcocog-umd",
-    "refcocog-google": "refcocog-google",
-    "mixed": "mixed",
-}
 
 
 def is_frozen_official_key(name: str) -> bool:
@@ -331,9 +288,9 @@ def plan_checkpoints(checkpoints, word_lens=None, datasets=None, default_word_le
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--checkpoint {str(path)!r} does not exist; expected an official DETRIS .pth file")
-        key = normalise_dataset_name(dataset) if dataset is not None else dataset_from_checkpoint_name(path)
+        key = canonical_dataset(dataset) if dataset is not None else dataset_from_checkpoint_name(path)
         value, origin = resolve_word_len(path, word_len, dataset, default_word_len)
-        folder = ADAPTER_FOLDER_NAMES.get(key) or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-") or "adapter"
+        folder = DATASET_FOLDER_NAMES.get(key) or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-") or "adapter"
         plans.append({"path": path, "dataset": key, "word_len": value, "word_len_origin": origin, "folder": folder})
     seen = {}
     for plan in plans:
@@ -482,7 +439,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("--word-len", type=int, action="append", default=None,
                         help="text length (17, or 22 for G-Ref umd); once per --checkpoint")
     parser.add_argument("--dataset", action="append", default=None,
-                        help=f"dataset the checkpoint was trained on, once per --checkpoint: {sorted(WORD_LEN_BY_DATASET)}")
+                        help=f"dataset the checkpoint was trained on, once per --checkpoint: {sorted(WORD_LEN)}")
     parser.add_argument("--split-adapters", action="store_true",
                         help="write OUTPUT/base (frozen backbones) + one PEFT adapter folder per checkpoint")
     return parser

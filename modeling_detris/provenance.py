@@ -22,22 +22,21 @@ from pathlib import Path
 
 import torch
 
+from configuration_detris.release import PUBLIC_TEXT_BACKBONE, PUBLIC_TEXT_BACKBONE_SHAPE, PUBLIC_VISION_BACKBONES
+
 PROVENANCE_FILE = "backbone_provenance.json"
-PUBLIC_VISION = {(768, 12): "facebook/dinov2-with-registers-base", (1024, 24): "facebook/dinov2-with-registers-large"}
-PUBLIC_TEXT = "openai/clip-vit-base-patch16"
-_CLIP_TEXT_SHAPE = (512, 12, 49408)  # hidden size, layers, vocabulary of the public CLIP ViT-B/16 text tower
 NOT_CHECKED = "not checked (needs the public checkpoint): run `detris provenance --base <this folder>`"
 
 
 def public_vision_id(config) -> str | None:
     """The public DINOv2-with-registers checkpoint of this width and depth, or None."""
-    return PUBLIC_VISION.get((config.vision_config.hidden_size, config.vision_config.num_hidden_layers))
+    return PUBLIC_VISION_BACKBONES.get((config.vision_config.hidden_size, config.vision_config.num_hidden_layers))
 
 
 def public_text_id(config) -> str | None:
     """The public CLIP checkpoint whose text tower has this shape, or None."""
     text = config.text_config
-    return PUBLIC_TEXT if (text.hidden_size, text.num_hidden_layers, text.vocab_size) == _CLIP_TEXT_SHAPE else None
+    return PUBLIC_TEXT_BACKBONE if (text.hidden_size, text.num_hidden_layers, text.vocab_size) == PUBLIC_TEXT_BACKBONE_SHAPE else None
 
 
 def backbone_tensors(model) -> dict[str, dict[str, torch.Tensor]]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from configuration_detris.release import PUBLIC_TEXT_BACKBONE, VARIANT_VISION_BACKBONE
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -29,8 +31,8 @@ class TrainingConfig:
     # by the adapter's base_model_name_or_path, or by model_name_or_path when given); see docs/release.md
     init_from: str | None = None
     preset: str = "base"
-    vision_backbone: str = "facebook/dinov2-with-registers-base"
-    text_backbone: str = "openai/clip-vit-base-patch16"
+    vision_backbone: str = VARIANT_VISION_BACKBONE["base"]
+    text_backbone: str = PUBLIC_TEXT_BACKBONE
     random_backbones: bool = False
     model_config: dict = field(default_factory=dict)  # DetrisConfig overrides (word_len, input_size, ...)
 

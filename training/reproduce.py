@@ -10,7 +10,7 @@
 4. evaluates every split with the official protocol (`detris eval`: every expression, masks at the original image
    size, threshold 0.35);
 5. writes `reproduction.md` and `reproduction.json`: for mIoU and for oIoU, our numbers beside the authors'
-   (`hub_card.reported`), the difference per cell and a pass mark when it is within ±0.3 points.
+   (`configuration_detris.release`), the difference per cell and a pass mark when it is within ±0.3 points.
 
 Every step keeps its output (`data/`, `models/`, `eval/`), so a run that stops resumes where it was; `--overwrite`
 redoes everything. docs/reproduce.md has the recipe and what to expect.
@@ -25,30 +25,24 @@ from pathlib import Path
 
 import torch
 
+from configuration_detris.release import (
+    EVALUATION_SPLITS,
+    REFER_SOURCE,
+    REPORTED_COLUMNS,
+    REPORTED_SPLITS,
+    VARIANT_NAMES,
+    dataset_from_checkpoint_name,
+    reported_cells,
+    reported_value,
+)
+from configuration_detris.release import MIXED_DATASETS as MIXED_EVAL  # DETRIS-L* (one model) is evaluated on each
+from configuration_detris.release import variant_from_checkpoint_name as variant_from_name
+
 # dataset key -> (refer dataset, split_by, the splits the paper evaluates)
-EVAL_SETS = {
-    "refcoco": ("refcoco", "unc", ("val", "testA", "testB")),
-    "refcoco+": ("refcoco+", "unc", ("val", "testA", "testB")),
-    "refcocog-umd": ("refcocog", "umd", ("val", "test")),
-    "refcocog-google": ("refcocog", "google", ("val",)),
-}
-MIXED_EVAL = ("refcoco", "refcoco+", "refcocog-umd")  # DETRIS-L* (one model) is evaluated on each of them
+EVAL_SETS = {dataset: (*REFER_SOURCE[dataset], splits) for dataset, splits in EVALUATION_SPLITS.items()}
 TOLERANCE = 0.3  # points of percent
 METRICS = ("mIoU", "oIoU")
-VARIANT_NAMES = {"base": "DETRIS-B", "large": "DETRIS-L", "large-mixed": "DETRIS-L*"}
 PASS, FAIL = "✓", "✗"
-
-
-def variant_from_name(path) -> str | None:
-    """`base`, `large` or `large-mixed` from an official file name (`base_refcoco.pth`, `lagre_refcoco.pth`, `mix.pth`)."""
-    stem = Path(path).stem.lower()
-    if "mix" in stem:
-        return "large-mixed"
-    if stem.startswith("base"):
-        return "base"
-    if stem.startswith(("large", "lagre")):  # the official README spells it `lagre_refcoco.pth`
-        return "large"
-    return None
 
 
 def slug(dataset: str) -> str:
@@ -58,8 +52,6 @@ def slug(dataset: str) -> str:
 def find_checkpoints(official_dir, log=print) -> list[dict]:
     """The official checkpoints under `official_dir` (recursively), each with its variant, dataset and the datasets it
     is evaluated on. Files whose name tells neither are skipped with a message."""
-    from modeling_detris.convert_original import dataset_from_checkpoint_name
-
     official_dir = Path(official_dir)
     if not official_dir.is_dir():
         raise ValueError(f"--official-dir {str(official_dir)!r} is not a folder; expected the folder of the official .pth files")
@@ -146,8 +138,6 @@ def compare(measured: dict, tolerance: float = TOLERANCE) -> list[dict]:
     """One cell per (variant, dataset, split, metric) the authors report for the variants in `measured`
     (`{variant: {dataset: {split: metrics as fractions}}}`): paper, ours (percent), difference and pass mark.
     A cell we did not measure has `ours` None and no pass mark."""
-    from hub_card.reported import reported_cells, reported_value
-
     cells = []
     for variant in sorted(measured, key=list(VARIANT_NAMES).index):
         for metric in METRICS:
@@ -174,8 +164,6 @@ def _number(value, signed=False) -> str:
 def markdown_tables(cells: list[dict], tolerance: float = TOLERANCE) -> str:
     """For each metric, the paper's layout (one column per split, plus the average over the cells measured): per
     variant the authors' row, ours, and the difference with its pass mark."""
-    from hub_card.reported import REPORTED_COLUMNS, REPORTED_SPLITS
-
     blocks = []
     for metric in METRICS:
         header = "| model | " + " | ".join(REPORTED_SPLITS) + " | Avg |"

@@ -18,13 +18,13 @@ import datasets
 from datasets import DatasetDict
 from tqdm.auto import tqdm
 
+from configuration_detris.release import HUB_REFER_REPOS as HUB_REPOS
+from configuration_detris.release import HUB_REFER_SPLIT_BY
+
 from .rows import RowBuilder, check_split_sizes, rows_to_datasetdict
 from .schema import COCO_CATEGORIES, CorruptAnnotationError
 
 __all__ = ["HUB_REPOS", "load_refer_from_hub", "convert_hub_refer"]
-
-HUB_REPOS = {"refcoco": "jxu124/refcoco", "refcoco+": "jxu124/refcocoplus", "refcocog": "jxu124/refcocog"}
-HUB_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 
 
 def _json(value, label, what):
@@ -99,7 +99,7 @@ def convert_hub_refer(
     bar.close()
     builder.report()
     dd = rows_to_datasetdict(split_rows, image_mode)
-    check_split_sizes(dd, (dataset, HUB_SPLIT_BY.get(dataset, "")), check_counts)
+    check_split_sizes(dd, (dataset, HUB_REFER_SPLIT_BY.get(dataset, "")), check_counts)
     return dd
 
 

@@ -22,6 +22,9 @@ from collections import OrderedDict
 from datasets import DatasetDict, concatenate_datasets
 from tqdm.auto import tqdm
 
+from configuration_detris.release import DEFAULT_SPLIT_BY
+from configuration_detris.release import REFER_SPLIT_BY as REFER_DATASETS
+
 from .rows import RowBuilder, check_split_sizes, rows_to_datasetdict
 from .safe_pickle import load_data_pickle
 from .schema import CorruptAnnotationError
@@ -35,8 +38,6 @@ __all__ = [
     "MIXED_SOURCES",
 ]
 
-REFER_DATASETS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 # the mixed training set never uses the Google split of G-Ref (its val images overlap the UNC train images)
 MIXED_SOURCES = (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"))
 _REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")

@@ -11,6 +11,8 @@ from numbers import Real
 
 from datasets import Dataset, DatasetDict
 
+from configuration_detris.release import OFFICIAL_REF_COUNTS, OFFICIAL_SENTENCE_COUNTS
+
 from .masks import MaskError, rle_area, rle_bbox, segmentation_to_rle
 from .schema import CorruptAnnotationError, image_value, object_features
 
@@ -24,18 +26,6 @@ __all__ = [
     "SplitSizeWarning",
 ]
 
-# refs per split (ARCHITECTURE.md §4.2, from DETRIS utils/dataset.py)
-OFFICIAL_REF_COUNTS = {
-    ("refcoco", "unc"): {"train": 42404, "val": 3811, "testA": 1975, "testB": 1810},
-    ("refcoco+", "unc"): {"train": 42278, "val": 3805, "testA": 1975, "testB": 1798},
-    ("refcocog", "umd"): {"train": 42226, "val": 2573, "test": 5023},
-    ("refcocog", "google"): {"train": 44822, "val": 5000},
-    ("mixed", "mixed"): {"train": 126908, "val": 10189},
-}
-# expressions per split (ECOSYSTEM.md §0b.6); only the ones that were checked
-OFFICIAL_SENTENCE_COUNTS = {
-    ("refcoco", "unc"): {"val": 10834, "testA": 5657, "testB": 5095},
-}
 
 
 class SplitSizeWarning(UserWarning):
