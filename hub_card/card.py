@@ -27,6 +27,7 @@ from configuration_detris.release import (
     reported_evaluation,
 )
 
+from .folders import is_adapter_folder, read_text_file
 from .eval_results import METRIC_NAMES, load_eval_results, parse_evaluation, to_model_index
 
 TEMPLATES = Path(__file__).parent  # *_card_template.md (package data: setup.cfg ships *.md)
@@ -298,11 +299,6 @@ def build_model_card(
     )
 
 
-def is_adapter_folder(folder) -> bool:
-    folder = Path(folder)
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
-
-
 def _human_size(num_bytes: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if num_bytes < 1000 or unit == "GB":
@@ -512,14 +508,6 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--training-notes", default=None, help="markdown file describing the training run")
 
 
-def _read_notes(path) -> str | None:
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise CardError(f"--training-notes {path!r} does not exist; expected a markdown file")
-    return Path(path).read_text(encoding="utf-8")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="detris card", description="write the model card (README.md) of a DETRIS folder")
     parser.add_argument("--model", required=True, help="DETRIS model folder or adapter folder")
@@ -529,7 +517,7 @@ def main(argv=None) -> int:
     try:
         card = card_for_folder(
             args.model, args.repo_id, args.eval_results, base_models=args.base_model, datasets=args.dataset,
-            training_notes=_read_notes(args.training_notes),
+            training_notes=read_text_file(args.training_notes, "--training-notes"),
         )
     except ValueError as error:
         print(f"detris card: {error}", file=sys.stderr)
@@ -548,6 +536,5 @@ __all__ = [
     "card_for_folder",
     "detect_variant",
     "has_remote_code",
-    "is_adapter_folder",
     "usage_snippet",
 ]

@@ -6,9 +6,10 @@ For a model folder, HUBDIR gets:
   and `model.safetensors`;
 - the processor files (`processor_config.json` with `auto_map` for AutoProcessor / AutoImageProcessor,
   `tokenizer.json`, `tokenizer_config.json` with `auto_map` for AutoTokenizer);
-- the remote code, generated from our packages (`hub_card.flatten`): `configuration_detris.py`,
-  `modeling_detris.py`, `processing_detris.py` (image processor + tokenizer + processor) and `pipeline_detris.py`;
-- the licence files of the CLIP BPE vocabulary (it is inside `tokenizer.json`) and the model card `README.md`.
+- the remote code, our role files copied (`hub_card.remote_code`): `configuration_detris.py`, `modeling_detris.py`,
+  `image_processing_detris.py`, `tokenization_detris.py`, `processing_detris.py` and `pipeline_detris.py`, with
+  `from configuration_detris import ...` made `from .configuration_detris import ...`;
+- the CLIP BPE merges and their licence files, and the model card `README.md`.
 
 `AutoModel.from_pretrained(HUBDIR, trust_remote_code=True)` / `AutoProcessor.from_pretrained(...)` then work where
 detris-hf is not installed (torch, transformers, peft, opencv-python-headless, ftfy, regex and pillow are).
@@ -16,20 +17,20 @@ detris-hf is not installed (torch, transformers, peft, opencv-python-headless, f
 An adapter-only folder (PEFT) is exported as its adapter files plus its own card; loading it needs detris-hf (the
 DETRIS PEFT method has to be registered), which the card says.
 
-The folder is written under a temporary name and renamed at the end, so a failed export leaves nothing that looks
-complete.
+The folder is written under a hidden staging name and renamed at the end, so a failed export leaves nothing that
+looks complete; a re-run removes what killed runs left. An `--output` that is or contains `--model` is refused.
 """
 
 import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .card import CardError, add_card_arguments, build_model_card, card_for_folder, is_adapter_folder, _read_notes
-from .flatten import HUB_FILES, PIPELINE_FILE, write_flat_files
+from .card import CardError, add_card_arguments, build_model_card, card_for_folder
+from .folders import OutputFolderError, is_adapter_folder, publish, read_text_file, staging_folder
 from .pipeline import TASK
+from .remote_code import HUB_FILES, PIPELINE_FILE, ROLE_FILES, RemoteCodeError, write_remote_code
 
 MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_detris.DetrisConfig",
@@ -37,12 +38,12 @@ MODEL_AUTO_MAP = {
 }
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_detris.DetrisProcessor"}
 IMAGE_PROCESSOR_AUTO_MAP = {
-    "AutoImageProcessor": "processing_detris.DetrisImageProcessor",
+    "AutoImageProcessor": "image_processing_detris.DetrisImageProcessor",
     "AutoProcessor": "processing_detris.DetrisProcessor",
 }
 TOKENIZER_AUTO_MAP = {
     "AutoProcessor": "processing_detris.DetrisProcessor",
-    "AutoTokenizer": ["processing_detris.DetrisTokenizer", None],
+    "AutoTokenizer": ["tokenization_detris.DetrisTokenizer", None],
 }
 CUSTOM_PIPELINES = {
     TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [], "type": "multimodal"}
@@ -51,7 +52,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Copied when present: the adapter's own processor (its text length), and how a folder was converted.
 ADAPTER_EXTRA_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "conversion.json")
 MODEL_EXTRA_FILES = ("backbone_provenance.json", "conversion.json")
-LICENSE_FILES = ("LICENSE_bpe_vocab.md", "LICENSE_open_clip")
 
 
 class ExportError(ValueError):
@@ -101,21 +101,6 @@ def load_processor(model_dir: Path, config):
     return processor, note
 
 
-def _prepare_output(output: Path, model_dir: Path, overwrite: bool) -> Path:
-    if output.resolve() == model_dir.resolve():
-        raise ExportError(f"--output {str(output)!r} is the model folder itself; expected a new folder")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"--output {str(output)!r} exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-
-
-def _finish(staging: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
-
-
 def export_model_folder(
     model_dir,
     output_dir,
@@ -129,7 +114,6 @@ def export_model_folder(
 ) -> list[str]:
     """Export `model_dir` to `output_dir` (see the module docstring); returns the exported file names."""
     from modeling_detris import DetrisForReferringSegmentation
-    from processing_detris import tokenization_detris
 
     model_dir, output = Path(model_dir), Path(output_dir)
     if is_adapter_folder(model_dir):
@@ -140,11 +124,11 @@ def export_model_folder(
     if note:
         log(note)
     repo_id = repo_id or output.resolve().name
-    staging = _prepare_output(output, model_dir, overwrite)
+    staging = staging_folder(output, [model_dir], overwrite)
     try:
+        write_remote_code(staging, HUB_FILES)
         model.save_pretrained(str(staging), safe_serialization=True)
         processor.save_pretrained(str(staging))
-        write_flat_files(staging, HUB_FILES + (PIPELINE_FILE,))
 
         def model_config(data):
             data["auto_map"] = dict(MODEL_AUTO_MAP)
@@ -162,10 +146,6 @@ def export_model_folder(
         _update_json(staging / "config.json", model_config)
         _update_json(staging / "processor_config.json", processor_config)
         _update_json(staging / "tokenizer_config.json", tokenizer_config)
-        vocab_dir = Path(tokenization_detris.__file__).parent
-        for name in LICENSE_FILES:
-            if (vocab_dir / name).is_file():
-                shutil.copy2(vocab_dir / name, staging / name)
         for name in MODEL_EXTRA_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, staging / name)
@@ -175,7 +155,7 @@ def export_model_folder(
         )
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
-        _finish(staging, output)
+        publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -193,7 +173,7 @@ def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, ov
         raise ExportError(f"{model_dir} is an adapter folder without {missing}; expected {list(ADAPTER_FILES)}")
     repo_id = repo_id or output.resolve().name
     card = card_for_folder(model_dir, repo_id, eval_results, base_models=base_models, datasets=datasets)
-    staging = _prepare_output(output, model_dir, overwrite)
+    staging = staging_folder(output, [model_dir], overwrite)
     try:
         for name in ADAPTER_FILES + ADAPTER_EXTRA_FILES:
             if (model_dir / name).is_file():
@@ -202,7 +182,7 @@ def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, ov
             _update_json(staging / "adapter_config.json", lambda data: data.update(base_model_name_or_path=base_models[0]))
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
-        _finish(staging, output)
+        publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -218,7 +198,7 @@ def is_exported_folder(folder) -> bool:
     if not config.is_file():
         return False
     auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map") or {}
-    return auto_map == MODEL_AUTO_MAP and all((folder / f"{spec.name}.py").is_file() for spec in HUB_FILES)
+    return auto_map == MODEL_AUTO_MAP and all((folder / f"{spec.name}.py").is_file() for spec in ROLE_FILES)
 
 
 def main(argv=None) -> int:
@@ -234,9 +214,9 @@ def main(argv=None) -> int:
         evaluations = load_eval_results(args.eval_results) if args.eval_results else None
         files = export_model_folder(
             args.model, args.output, evaluations, args.repo_id, args.overwrite, args.base_model, args.dataset,
-            _read_notes(args.training_notes), log=lambda message: print(message, file=sys.stderr),
+            read_text_file(args.training_notes, "--training-notes"), log=lambda message: print(message, file=sys.stderr),
         )
-    except (ExportError, CardError, ValueError) as error:
+    except (ExportError, CardError, OutputFolderError, RemoteCodeError, ValueError) as error:
         print(f"detris export: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {', '.join(files)}", file=sys.stderr)

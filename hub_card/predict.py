@@ -62,8 +62,10 @@ def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
     return pipeline(TASK, model=model, device=device, trust_remote_code=trust_remote_code)
 
 
-def predict(model, images, texts, output, threshold=None, device=None, log=print) -> list[dict]:
-    """Run the pipeline on every (image, expression) and write the files; returns the records."""
+def predict(model, images, texts, output, threshold=None, device=None, log=print,
+            trust_remote_code: bool = False) -> list[dict]:
+    """Run the pipeline on every (image, expression) and write the files; returns the records. The model is loaded
+    with detris-hf's classes; a folder's own code runs only with `trust_remote_code`."""
     images = [Path(p) for p in images]
     for path in images:
         if not path.is_file():
@@ -75,7 +77,7 @@ def predict(model, images, texts, output, threshold=None, device=None, log=print
             raise ValueError(f"--text {text!r} is empty; expected a referring expression such as 'the dog'")
     if isinstance(model, (str, os.PathLike)) and not Path(model).is_dir() and str(model).count("/") != 1:
         raise ValueError(f"--model {str(model)!r} is not a folder; expected a DETRIS model folder or a Hub id ORG/NAME")
-    pipe = model if not isinstance(model, (str, os.PathLike)) else load_pipeline(str(model), device)
+    pipe = model if not isinstance(model, (str, os.PathLike)) else load_pipeline(str(model), device, trust_remote_code)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
@@ -115,10 +117,13 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=None, help="mask probability threshold (default: the model's, 0.35)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: CPU)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model folder's or repository's own Python code (needed for a model whose code "
+                             "detris-hf does not have)")
     args = parser.parse_args(argv)
     try:
         predict(args.model, args.image, args.text, args.output, args.threshold, args.device,
-                log=lambda message: print(message, file=sys.stderr))
+                log=lambda message: print(message, file=sys.stderr), trust_remote_code=args.trust_remote_code)
     except ValueError as error:
         print(f"detris predict: {error}", file=sys.stderr)
         return 2

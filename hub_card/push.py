@@ -3,7 +3,8 @@
 DIR is exported first (`detris export`, into a temporary folder, with the card's snippets naming ORG/NAME) unless
 it already is an export; then the folder is uploaded with `huggingface_hub.HfApi`: `create_repo` (exist_ok),
 `create_branch` for a `--revision` other than main, and one `upload_folder` commit. The token is the usual Hub
-login (`hf auth login` or the `HF_TOKEN` environment variable).
+login (`hf auth login` or the `HF_TOKEN` environment variable); it is checked (`whoami`) before anything is exported,
+so a missing token or an unreachable Hub ends in one line saying how to log in.
 
 A Space folder (`detris space`: `app.py` and a README whose YAML header names an `sdk`) is uploaded as it is to a
 Space repository (`repo_type="space"`, created with `space_sdk="gradio"`).
@@ -14,24 +15,44 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .card import _read_notes
 from .export import export_model_folder, is_exported_folder
+from .folders import check_repo_id, is_space_folder, read_text_file
+
+LOGIN_HINT = "log in with `hf auth login` (or set the HF_TOKEN environment variable to a token with write access)"
 
 
 class PushError(ValueError):
-    """Bad push arguments; the message names the bad value and what was expected."""
+    """Bad push arguments, or no access to the Hub; the message names the bad value and what was expected."""
 
 
-def check_repo_id(repo_id: str) -> str:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+def check_access(api=None) -> str:
+    """The Hub user the token belongs to; `PushError` (one line, saying how to log in) when there is no token, the
+    Hub refuses it or cannot be reached."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
+    api = api or HfApi()
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise PushError(f"--repo-id {repo_id!r} is not a valid Hub repository id ({error}); expected ORG/NAME") from error
-    if repo_id.count("/") != 1:
-        raise PushError(f"--repo-id {repo_id!r} must name the owner: expected ORG/NAME (e.g. my-org/detris-base-refcoco)")
-    return repo_id
+        info = api.whoami()
+    except LocalTokenNotFoundError as error:
+        raise PushError(f"no Hugging Face token found; {LOGIN_HINT}") from error
+    except OfflineModeIsEnabled as error:
+        raise PushError(f"the Hub is disabled here (HF_HUB_OFFLINE is set); unset it, then {LOGIN_HINT}") from error
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status == 401:
+            raise PushError(f"the Hub refused the token (401 Unauthorized); {LOGIN_HINT}") from error
+        raise PushError(f"the Hub answered {status} to the token check ({str(error).splitlines()[0]}); try again, "
+                        f"or {LOGIN_HINT}") from error
+    except OSError as error:  # no network, DNS, refused connection, timeouts (httpx errors are not OSError)
+        raise PushError(f"cannot reach the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                        f"check the network, then {LOGIN_HINT}") from error
+    except Exception as error:
+        if type(error).__module__.split(".")[0] not in ("httpx", "httpcore", "requests", "urllib3"):
+            raise
+        raise PushError(f"cannot reach the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                        f"check the network, then {LOGIN_HINT}") from error
+    return str((info or {}).get("name") or "")
 
 
 def upload(folder, repo_id: str, private: bool = False, revision: str | None = None,
@@ -61,8 +82,11 @@ def push(model_dir, repo_id: str, private: bool = False, revision: str | None = 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PushError(f"--model {str(model_dir)!r} is not a folder; expected a DETRIS model, adapter or exported folder")
-    from .space import is_space_folder
+    from huggingface_hub import HfApi
 
+    api = api or HfApi()
+    user = check_access(api)
+    log(f"pushing to {repo_id} as {user or 'the logged-in user'}")
     if is_space_folder(model_dir):
         log(f"{model_dir} is a Space folder (detris space): uploading it as a Gradio Space")
         return upload(model_dir, repo_id, private, revision, commit_message, api, repo_type="space")
@@ -94,7 +118,7 @@ def main(argv=None) -> int:
 
         evaluations = load_eval_results(args.eval_results) if args.eval_results else None
         url = push(args.model, args.repo_id, args.private, args.revision, args.commit_message, evaluations,
-                   args.base_model, args.dataset, _read_notes(args.training_notes),
+                   args.base_model, args.dataset, read_text_file(args.training_notes, "--training-notes"),
                    log=lambda message: print(message, file=sys.stderr))
     except ValueError as error:
         print(f"detris push: {error}", file=sys.stderr)
@@ -103,4 +127,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["PushError", "check_repo_id", "main", "push", "upload"]
+__all__ = ["PushError", "check_access", "main", "push", "upload"]

@@ -202,15 +202,17 @@ def default_device() -> str:
 
 
 class Segmenter:
-    """A DETRIS model and its processor, loaded with `trust_remote_code=True`, on `device` (default: the GPU when
-    there is one, else the CPU)."""
+    """A DETRIS model and its processor on `device` (default: the GPU when there is one, else the CPU). On the Space
+    they come from the exported folder's code (`trust_remote_code=True`); `detris app` passes False unless asked, so
+    the classes detris-hf registered are used instead."""
 
-    def __init__(self, model: str, device=None, revision=None):
+    def __init__(self, model: str, device=None, revision=None, trust_remote_code: bool = True):
         self.model_id = str(model)
         self.device = torch.device(device or default_device())
-        self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=True, revision=revision)
+        self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code, revision=revision)
         self.model = self.model.to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=True, revision=revision)
+        self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code,
+                                                       revision=revision)
         self.max_image_pixels = getattr(self.processor.image_processor, "max_image_pixels", None)
 
     @torch.inference_mode()
