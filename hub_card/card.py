@@ -27,7 +27,7 @@ from configuration_detris.release import (
     reported_evaluation,
 )
 
-from .folders import is_adapter_folder, read_text_file
+from .folders import is_adapter_folder, looks_like_repo_id, read_text_file
 from .eval_results import METRIC_NAMES, load_eval_results, parse_evaluation, to_model_index
 
 TEMPLATES = Path(__file__).parent  # *_card_template.md (package data: setup.cfg ships *.md)
@@ -376,6 +376,12 @@ def build_adapter_card(
             f"{folder}/adapter_config.json names no base_model_name_or_path; pass --base-model ORG/NAME (the Hub id "
             "of the DETRIS base model the adapter was trained on)"
         )
+    if not looks_like_repo_id(str(base)):
+        given = "--base-model" if base_model else f"{folder}/adapter_config.json's base_model_name_or_path"
+        raise CardError(
+            f"{given} is {str(base)!r}, a local path, not a Hub id: a card (and an exported adapter_config.json) would "
+            "publish it as a broken link; pass --base-model ORG/NAME (the Hub id of the DETRIS base model)"
+        )
     conversion_path = folder / "conversion.json"
     conversion = json.loads(conversion_path.read_text(encoding="utf-8")) if conversion_path.is_file() else {}
     variant = conversion.get("variant") or adapter_variant(adapter_config)
@@ -499,7 +505,10 @@ def card_for_folder(
 
 
 def add_card_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-results", default=None, help="evaluation JSON (schema: hub_card/eval_results.py, docs/hub.md)")
+    parser.add_argument("--eval-results", default=None,
+                        help="evaluation JSON (schema: docs/hub.md), or the results.json of `detris eval`")
+    parser.add_argument("--eval-dataset", default=None,
+                        help="the dataset a `detris eval` results.json was measured on (e.g. refcoco)")
     parser.add_argument("--repo-id", default=None, help="Hub id shown in the usage snippets (default: the folder name)")
     parser.add_argument("--base-model", action="append", default=None,
                         help="base model Hub id(s) for the metadata (repeatable; default: from the backbone shapes, "
@@ -516,7 +525,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         card = card_for_folder(
-            args.model, args.repo_id, args.eval_results, base_models=args.base_model, datasets=args.dataset,
+            args.model, args.repo_id,
+            load_eval_results(args.eval_results, args.eval_dataset) if args.eval_results else None, base_models=args.base_model, datasets=args.dataset,
             training_notes=read_text_file(args.training_notes, "--training-notes"),
         )
     except ValueError as error:

@@ -1,5 +1,8 @@
 """The evaluation-results JSON that `detris card` / `detris export` turn into a model card's `model-index`.
 
+The `results.json` that `detris eval` writes (`{"val": {"mIoU": ..., ...}, "test": {...}}`: split name -> metrics as
+fractions) is accepted as it is; it names no dataset, so the caller gives it (`--eval-dataset refcoco`).
+
 Schema (one evaluation; a list of such objects, or `{"evaluations": [...]}`, is accepted too):
 
 ```json
@@ -167,8 +170,28 @@ def parse_evaluation(entry: dict, where: str = "evaluation") -> DatasetEvaluatio
     return evaluation
 
 
-def parse_eval_results(data) -> list[DatasetEvaluation]:
-    """Parse the JSON value (already decoded) into evaluations; see the module docstring for the schema."""
+def is_eval_output(data) -> bool:
+    """The `results.json` of `detris eval`: an object mapping split names to objects of metrics."""
+    return (
+        isinstance(data, dict) and bool(data) and not set(data) & _TOP_KEYS and "evaluations" not in data
+        and all(isinstance(v, dict) and v and all(canonical_metric(k) or k == "num_samples" for k in v)
+                for v in data.values())
+    )
+
+
+def parse_eval_results(data, dataset: str | None = None) -> list[DatasetEvaluation]:
+    """Parse the JSON value (already decoded) into evaluations; see the module docstring for the schema. `dataset`
+    names the dataset of a `detris eval` results.json (which names none)."""
+    if is_eval_output(data):
+        if not dataset:
+            raise EvalResultsError(
+                f"this is the results.json of `detris eval` (splits {sorted(data)}), which names no dataset; pass "
+                "--eval-dataset NAME (e.g. refcoco, refcocog-umd, or a Hub dataset id)"
+            )
+        data = {"dataset": dataset, "units": "fraction", "source": {"name": "detris eval"}, "results": data}
+    elif dataset:
+        raise EvalResultsError("--eval-dataset names the dataset of a `detris eval` results.json only; this file "
+                               "already follows the evaluation schema (its entries name their dataset)")
     if isinstance(data, dict) and "evaluations" in data:
         if set(data) != {"evaluations"}:
             raise EvalResultsError(f"an object with 'evaluations' must have no other key, got {sorted(data)}")
@@ -179,7 +202,7 @@ def parse_eval_results(data) -> list[DatasetEvaluation]:
     return [parse_evaluation(entry, f"evaluation[{index}]") for index, entry in enumerate(entries)]
 
 
-def load_eval_results(path) -> list[DatasetEvaluation]:
+def load_eval_results(path, dataset: str | None = None) -> list[DatasetEvaluation]:
     path = Path(path)
     if not path.is_file():
         raise EvalResultsError(f"evaluation results file {str(path)!r} does not exist; expected a JSON file")
@@ -187,7 +210,10 @@ def load_eval_results(path) -> list[DatasetEvaluation]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise EvalResultsError(f"{path} is not valid JSON: {error}") from error
-    return parse_eval_results(data)
+    try:
+        return parse_eval_results(data, dataset)
+    except EvalResultsError as error:
+        raise EvalResultsError(f"{path}: {error}") from error
 
 
 def to_model_index(evaluations: list[DatasetEvaluation]):
@@ -221,6 +247,7 @@ __all__ = [
     "EvalResultsError",
     "METRIC_NAMES",
     "SplitResult",
+    "is_eval_output",
     "load_eval_results",
     "parse_eval_results",
     "to_model_index",

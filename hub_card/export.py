@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     try:
         from .eval_results import load_eval_results
 
-        evaluations = load_eval_results(args.eval_results) if args.eval_results else None
+        evaluations = load_eval_results(args.eval_results, args.eval_dataset) if args.eval_results else None
         files = export_model_folder(
             args.model, args.output, evaluations, args.repo_id, args.overwrite, args.base_model, args.dataset,
             read_text_file(args.training_notes, "--training-notes"), log=lambda message: print(message, file=sys.stderr),

@@ -108,7 +108,10 @@ def main(argv=None) -> int:
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
     parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--eval-results", default=None, help="evaluation JSON for the card (see docs/hub.md)")
+    parser.add_argument("--eval-results", default=None,
+                        help="evaluation JSON for the card (see docs/hub.md), or the results.json of `detris eval`")
+    parser.add_argument("--eval-dataset", default=None,
+                        help="the dataset a `detris eval` results.json was measured on (e.g. refcoco)")
     parser.add_argument("--base-model", action="append", default=None)
     parser.add_argument("--dataset", action="append", default=None)
     parser.add_argument("--training-notes", default=None)
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     try:
         from .eval_results import load_eval_results
 
-        evaluations = load_eval_results(args.eval_results) if args.eval_results else None
+        evaluations = load_eval_results(args.eval_results, args.eval_dataset) if args.eval_results else None
         url = push(args.model, args.repo_id, args.private, args.revision, args.commit_message, evaluations,
                    args.base_model, args.dataset, read_text_file(args.training_notes, "--training-notes"),
                    log=lambda message: print(message, file=sys.stderr))
