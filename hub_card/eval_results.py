@@ -188,7 +188,7 @@ def parse_eval_results(data, dataset: str | None = None) -> list[DatasetEvaluati
                 f"this is the results.json of `detris eval` (splits {sorted(data)}), which names no dataset; pass "
                 "--eval-dataset NAME (e.g. refcoco, refcocog-umd, or a Hub dataset id)"
             )
-        data = {"dataset": dataset, "units": "fraction", "source": {"name": "detris eval"}, "results": data}
+        data = {"dataset": dataset, "units": "fraction", "results": data}
     elif dataset:
         raise EvalResultsError("--eval-dataset names the dataset of a `detris eval` results.json only; this file "
                                "already follows the evaluation schema (its entries name their dataset)")

@@ -48,7 +48,7 @@ def check_access(api=None) -> str:
         raise PushError(f"cannot reach the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                         f"check the network, then {LOGIN_HINT}") from error
     except Exception as error:
-        if type(error).__module__.split(".")[0] not in ("httpx", "httpcore", "requests", "urllib3"):
+        if type(error).__module__.split(".")[0].rstrip("0123456789") not in ("httpx", "httpcore", "requests", "urllib3"):
             raise
         raise PushError(f"cannot reach the Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                         f"check the network, then {LOGIN_HINT}") from error

@@ -138,3 +138,49 @@ def test_adapter_folder_gets_its_own_card(tmp_path):
     # Without --base-model the adapter's own base_model_name_or_path is used, or the card refuses.
     if not adapter_config.get("base_model_name_or_path"):
         assert cli(["card", "--model", str(tmp_path / "adapter")]) == 2
+
+
+def test_reading_the_release_table_loads_no_model():
+    """The release facts (and the evaluation-results schema) are tables: importing them loads neither the model
+    nor the processor, nor training."""
+    import subprocess
+    import sys
+
+    code = ("import sys, configuration_detris.release as r; "
+            "assert r.WORD_LEN[r.canonical_dataset('refcocog_u')] == 22; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('modeling_detris', 'processing_detris', 'training', 'hub_card', 'peft')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_eval_results_json_of_detris_eval_is_accepted(tiny_model_dir, tmp_path, capsys):
+    """The results.json `detris eval` writes (split -> metrics, fractions) goes straight into a card."""
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"val": {"mIoU": 0.5, "oIoU": 0.45, "Pr@50": 0.5, "Pr@60": 0.4, "Pr@70": 0.3,
+                                           "Pr@80": 0.2, "Pr@90": 0.1, "num_samples": 12},
+                                   "test": {"mIoU": 0.25, "oIoU": 0.2, "Pr@50": 0.2, "Pr@60": 0.1, "Pr@70": 0.0,
+                                            "Pr@80": 0.0, "Pr@90": 0.0, "num_samples": 8}}))
+    assert cli(["card", "--model", str(tiny_model_dir), "--eval-results", str(results)]) == 2
+    assert "names no dataset; pass --eval-dataset" in capsys.readouterr().err
+    readme = tmp_path / "README.md"
+    assert cli(["card", "--model", str(tiny_model_dir), "--eval-results", str(results), "--eval-dataset", "refcoco",
+                "--output", str(readme)]) == 0
+    card = ModelCard.load(readme)
+    found = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert found[("val", "mIoU")] == 50.0 and found[("test", "oIoU")] == 20.0 and len(found) == 14
+    assert all(r.dataset_name == "RefCOCO (UNC)" for r in card.data.eval_results)
+
+
+def test_adapter_card_refuses_a_local_base_path(tmp_path, capsys):
+    """An adapter saved against a local base folder: the card (and the export) would publish that path."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "DETRIS", "base_model_name_or_path": str(tmp_path / "base")}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert cli(["card", "--model", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert "a local path, not a Hub id" in err and "--base-model ORG/NAME" in err
+    assert cli(["export", "--model", str(adapter), "--output", str(tmp_path / "hub")]) == 2
+    assert "a local path, not a Hub id" in capsys.readouterr().err and not (tmp_path / "hub").exists()

@@ -35,7 +35,13 @@ class Recorder:
                                                          files=_snapshot(folder_path), extra=kwargs)))
             return f"https://huggingface.co/{repo_id}/commit/0123"
 
-        for name, function in (("create_repo", create_repo), ("create_branch", create_branch), ("upload_folder", upload_folder)):
+        def whoami(self, *args, **kwargs):
+            recorder.whoami_calls += 1
+            return {"name": "my-org-member"}
+
+        self.whoami_calls = 0
+        for name, function in (("create_repo", create_repo), ("create_branch", create_branch), ("upload_folder", upload_folder),
+                               ("whoami", whoami)):
             monkeypatch.setattr(HfApi, name, function)
 
 
@@ -82,3 +88,30 @@ def test_push_refuses_a_missing_folder(tmp_path, monkeypatch, capsys):
     recorder = Recorder(monkeypatch)
     assert cli(["push", "--model", str(tmp_path / "nope"), "--repo-id", "org/x"]) == 2
     assert "is not a folder" in capsys.readouterr().err and recorder.calls == []
+
+
+def test_push_checks_the_token_before_exporting(model_dir, tmp_path, monkeypatch, capsys):
+    """No token, a refused token, an unreachable Hub: one line saying how to log in, before anything is exported."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in model_dir.iterdir())
+
+    assert cli(["push", "--model", str(model_dir), "--repo-id", "my-org/detris-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "no Hugging Face token found" in err and "hf auth login" in err and "exported" not in err
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    assert cli(["push", "--model", str(model_dir), "--repo-id", "my-org/detris-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "cannot reach the Hub" in err and "hf auth login" in err and "exported" not in err
+    assert sorted(p.name for p in model_dir.iterdir()) == before

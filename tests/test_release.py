@@ -261,6 +261,7 @@ class UploadRecorder:
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(HfApi, "whoami", lambda self, *args, **kwargs: {"name": "org-member"})
 
 
 def test_push_base_and_adapters_with_cards(release, tmp_path, monkeypatch):

@@ -78,8 +78,8 @@ def test_space_folder_from_a_model_folder(tiny, tmp_path):
     assert header["models"] == ["org/detris-tiny"] and header["title"]
 
     examples = json.loads((space / "examples" / "examples.json").read_text())
-    refshapes = [e for e in examples if e["file"].startswith("refshapes_")]
-    assert len(refshapes) == 4 and all(e["license"] == "MIT" for e in refshapes)
+    shapes = [e for e in examples if e["file"].startswith("shapes_")]
+    assert len(shapes) == 4 and all(e["license"] == "MIT" for e in shapes)
     for entry in examples:
         with Image.open(space / "examples" / entry["file"]) as image:
             image.verify()
@@ -96,11 +96,11 @@ def test_space_folder_from_a_model_folder(tiny, tmp_path):
 
 def test_space_folder_from_an_export_or_a_repo_id(tiny, tmp_path):
     _, _, exported, _ = tiny
-    assert cli(["space", "--model", str(exported), "--output", str(tmp_path / "a"), "--refshapes", "1", "--no-photos"]) == 0
+    assert cli(["space", "--model", str(exported), "--output", str(tmp_path / "a"), "--scenes", "1", "--no-photos"]) == 0
     assert _files(tmp_path / "a" / "model") == _files(exported)
     assert "models" not in metadata_load(tmp_path / "a" / "README.md")
     assert [e["file"] for e in json.loads((tmp_path / "a" / "examples" / "examples.json").read_text())] == [
-        "refshapes_validation_00.png"]
+        "shapes_00.png"]
 
     assert cli(["space", "--model", "org/detris-tiny", "--output", str(tmp_path / "b"), "--no-photos",
                 "--title", "My DETRIS"]) == 0
@@ -127,7 +127,7 @@ def test_space_refuses_bad_arguments(tiny, tmp_path, capsys):
         (["--model", "org/a", "--output", str(tmp_path / "o3"), "--model-repo-id", "org/b"],
          "--model-repo-id 'org/b' differs from --model 'org/a'"),
         (["--model", "org/a", "--output", str(tmp_path / "o4"), "--max-expressions", "0"], "--max-expressions 0 is outside [1, 64]"),
-        (["--model", "org/a", "--output", str(tmp_path / "o5"), "--refshapes", "-1"], "--refshapes -1 is outside [0, 100]"),
+        (["--model", "org/a", "--output", str(tmp_path / "o5"), "--scenes", "-1"], "--scenes -1 is outside [0, 100]"),
     ]
     for arguments, message in cases:
         assert cli(["space", *arguments]) == 2, arguments
@@ -138,8 +138,9 @@ def test_space_refuses_bad_arguments(tiny, tmp_path, capsys):
 
 def test_push_uploads_a_space_folder_as_a_gradio_space(tiny, tmp_path, monkeypatch):
     space = tmp_path / "space"
-    assert cli(["space", "--model", "org/detris-tiny", "--output", str(space), "--refshapes", "1", "--no-photos"]) == 0
+    assert cli(["space", "--model", "org/detris-tiny", "--output", str(space), "--scenes", "1", "--no-photos"]) == 0
     calls = []
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *args, **kwargs: {"name": "org-member"})
     monkeypatch.setattr(HfApi, "create_repo", lambda self, **kwargs: calls.append(("create_repo", kwargs)) or "url")
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: calls.append(
         ("upload_folder", dict(kwargs, files=_files(Path(kwargs["folder_path"]))))) or "https://hf.co/commit/1")
@@ -294,8 +295,10 @@ def test_detris_app_serves_the_same_page(tiny, tmp_path, monkeypatch, capsys):
     assert "--port 70000 is outside [1, 65535]" in capsys.readouterr().err
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo, segmenter = build_app(str(tiny[2]), examples_dir=tmp_path / "examples", refshapes=1, photos=False)
+    demo, segmenter = build_app(str(tiny[2]), examples_dir=tmp_path / "examples", scenes=1, photos=False)
     assert segmenter.device.type == "cpu"
+    # without --trust-remote-code the export's own code does not run: detris-hf's classes are used
+    assert type(segmenter.model).__module__ == "modeling_detris.modeling_detris"
     port = free_port()
     space_app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -306,6 +309,22 @@ def test_detris_app_serves_the_same_page(tiny, tmp_path, monkeypatch, capsys):
         assert Image.open(overlay).size == (83, 61) and len(masks) == 2 and legend.count("detris-legend-item") == 2
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config") as response:
             config = json.loads(response.read())
-        assert "refshapes_validation_00.png" in json.dumps(config)  # the examples gallery
+        assert "shapes_00.png" in json.dumps(config)  # the examples gallery
     finally:
         demo.close()
+
+
+def test_detris_app_runs_a_folders_code_only_when_asked(tiny, tmp_path):
+    from hub_card.space import build_app
+
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    for path in tiny[2].iterdir():
+        (trap / path.name).write_bytes(path.read_bytes())
+    marker = tmp_path / "ran.txt"
+    source = (trap / "modeling_detris.py").read_text()
+    (trap / "modeling_detris.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + source)
+    _, segmenter = build_app(str(trap), photos=False)
+    assert not marker.exists() and type(segmenter.model).__module__ == "modeling_detris.modeling_detris"
+    _, segmenter = build_app(str(trap), photos=False, trust_remote_code=True)
+    assert marker.read_text() == "ran" and type(segmenter.model).__module__.startswith("transformers_modules.")

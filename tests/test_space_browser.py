@@ -61,7 +61,7 @@ def served(tmp_path_factory):
     model = save_tiny_model(root / "model")
     space = root / "space"
     assert cli(["space", "--model", str(model), "--output", str(space), "--model-repo-id", "org/detris-tiny",
-                "--refshapes", "2", "--no-photos"]) == 0
+                "--scenes", "2", "--no-photos"]) == 0
     image = write_test_image(root / "photo.png", width=IMAGE_SIZE[0], height=IMAGE_SIZE[1])
     python = isolated_python(root / "venv")
     env = clean_env(root, 0)
