@@ -211,7 +211,7 @@ def test_export_refuses_bad_folders(tiny_dirs, tmp_path):
         export_model_folder(tmp_path, tmp_path / "out")
     with pytest.raises(OutputFolderError, match="is the input"):
         export_model_folder(model_dir, model_dir, overwrite=True)
-    with pytest.raises(ExportError, match="not empty; pass --overwrite"):
+    with pytest.raises(OutputFolderError, match="not empty; pass --overwrite"):
         export_model_folder(model_dir, hub_dir)
     other = tmp_path / "other"
     other.mkdir()
