@@ -24,7 +24,8 @@ from space_helpers import free_port
 import hub_card  # noqa: F401
 from hub_card import space_app
 from hub_card.export import is_exported_folder
-from hub_card.space import APP_SOURCE, PHOTOS, RUNTIME_PACKAGES, is_space_folder, scikit_image_data_dir
+from hub_card.folders import is_space_folder
+from hub_card.space import APP_SOURCE, PHOTOS, RUNTIME_PACKAGES, scikit_image_data_dir
 from training.cli import main as cli
 
 APP_IMPORTS = {"gradio", "numpy", "torch", "PIL", "transformers"}
