@@ -92,21 +92,25 @@ def remove_stale_staging(output: Path) -> list[Path]:
     return removed
 
 
-def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output") -> Path:
-    """A new staging folder for `output`, after refusing an output that is or contains one of `inputs` and a
-    non-empty output without `overwrite`, and removing what killed runs left."""
+def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
+                   what: str = "the model folder") -> Path:
+    """A new staging folder for `output`, after refusing an output that is, contains or lies inside one of `inputs`
+    (`what` names them in the message) and a non-empty output without `overwrite`, and removing what killed runs
+    left."""
     output = Path(output)
     resolved = output.resolve()
     for source in inputs:
         source_resolved = Path(source).resolve()
-        if resolved == source_resolved or resolved in source_resolved.parents:
+        if resolved == source_resolved:
+            raise OutputFolderError(f"{flag} {str(output)!r} is {what} itself; expected a new folder")
+        if resolved in source_resolved.parents:
             raise OutputFolderError(
-                f"{flag} {str(output)!r} {'is' if resolved == source_resolved else 'contains'} the input "
-                f"{str(source)!r}; expected a new folder outside it (--overwrite would delete the input)"
+                f"{flag} {str(output)!r} contains {what} {str(source)!r}; expected a new folder outside it "
+                "(--overwrite would delete it)"
             )
         if source_resolved in resolved.parents:
             raise OutputFolderError(
-                f"{flag} {str(output)!r} is inside the input {str(source)!r}; expected a new folder outside it"
+                f"{flag} {str(output)!r} is inside {what} {str(source)!r}; expected a new folder outside it"
             )
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise OutputFolderError(f"{flag} {str(output)!r} exists and is not empty; pass --overwrite to replace it")

@@ -316,7 +316,15 @@ def build_app(model, device=None, examples_dir=None, scenes: int = SHAPE_SCENES,
     from . import space_app
 
     kind, source = check_model_argument(model)
-    segmenter = space_app.Segmenter(str(source), device=device, trust_remote_code=trust_remote_code)
+    try:
+        segmenter = space_app.Segmenter(str(source), device=device, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise SpaceError(
+            f"--model {str(source)!r} is not a DETRIS model detris-hf can load with its own classes: it needs its own "
+            "Python code; pass --trust-remote-code to run that code (only for a source you trust)"
+        ) from error
     examples = []
     if examples_dir is not None:
         write_examples(examples_dir, scenes, photos, log=log)

@@ -209,7 +209,7 @@ def test_export_refuses_bad_folders(tiny_dirs, tmp_path):
     model_dir, hub_dir, _ = tiny_dirs
     with pytest.raises(ExportError, match="no config.json"):
         export_model_folder(tmp_path, tmp_path / "out")
-    with pytest.raises(OutputFolderError, match="is the input"):
+    with pytest.raises(OutputFolderError, match="is the model folder itself"):
         export_model_folder(model_dir, model_dir, overwrite=True)
     with pytest.raises(OutputFolderError, match="not empty; pass --overwrite"):
         export_model_folder(model_dir, hub_dir)
@@ -240,11 +240,11 @@ def test_overwrite_never_deletes_the_input_and_killed_runs_are_cleaned(tiny_dirs
     before = sorted(p.name for p in inside.iterdir())
     # --output is the folder holding the model: refused, the model stays
     assert cli(["export", "--model", str(inside), "--output", str(parent), "--overwrite"]) == 2
-    assert "contains the input" in capsys.readouterr().err
+    assert "contains the model folder" in capsys.readouterr().err
     assert sorted(p.name for p in inside.iterdir()) == before
     # --output inside the model folder: refused too
     assert cli(["export", "--model", str(inside), "--output", str(inside / "hub"), "--overwrite"]) == 2
-    assert "is inside the input" in capsys.readouterr().err
+    assert "is inside the model folder" in capsys.readouterr().err
     assert not (inside / "hub").exists()
     # a staging folder a killed run left (its process is gone) is removed by the next run; a live one is kept
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
