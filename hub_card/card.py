@@ -111,7 +111,8 @@ def usage_snippet(model_id: str, remote_code: bool) -> str:
             "from PIL import Image\n"
             "from transformers import AutoModel, AutoProcessor\n\n"
             f'model_id = "{model_id}"\n'
-            "# The model code ships with the checkpoint (flat configuration_/modeling_/processing_detris.py).\n"
+            "# The model code ships with the checkpoint (configuration_, modeling_, image_processing_, tokenization_ and\n"
+            "# processing_detris.py).\n"
             "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()\n"
             "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)\n"
         )
@@ -415,7 +416,8 @@ def build_adapter_card(
         "import torch\n"
         "from peft import PeftModel\n"
         "from transformers import AutoModel, AutoProcessor\n\n"
-        "import modeling_detris  # detris-hf: registers DETRIS with AutoModel and its PEFT method with PEFT\n\n"
+        "import modeling_detris  # detris-hf: registers DETRIS with AutoModel and its PEFT method with PEFT\n"
+        "import processing_detris  # detris-hf: registers the DETRIS processor with AutoProcessor\n\n"
         f'base = AutoModel.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{model_id}").eval()\n'
         # The adapter's own processor pads the text to the length it was trained with (22 for G-Ref umd).
