@@ -166,3 +166,24 @@ def test_block_runs_as_written(workdir, chain, tmp_path):
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"{chain} failed:\n{script.read_text()}\n--- stderr ---\n{run.stderr[-3000:]}"
+
+
+PROJECT_PATH = re.compile(
+    r"(?<![\w/.-])((?:hub_card|training|modeling_detris|processing_detris|configuration_detris|benchmarks|tests|docs"
+    r"|requirements|\.ci)/[\w./+-]*\w)"
+)
+OUTSIDE_DOCUMENTS = re.compile(r"ARCHITECTURE\.md|ECOSYSTEM\.md|PERFORMANCE\.md|issue #\d+")
+CREATED_AT_RUN_TIME = {"tests/artifacts"}  # folders the tests write
+
+
+def test_docs_cite_only_files_in_the_repository(workdir):
+    """README, docs, the generated cards and hub_card's docstrings name no document outside the repository, and
+    every project path they name exists."""
+    texts = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+             for path in DOCS + sorted((ROOT / "hub_card").glob("*.py")) + sorted((ROOT / "hub_card").glob("*.md"))}
+    texts.update({name: (workdir / name).read_text(encoding="utf-8") for name in ("card.md", "adapter_card.md")})
+    outside = {name: OUTSIDE_DOCUMENTS.findall(text) for name, text in texts.items() if OUTSIDE_DOCUMENTS.search(text)}
+    assert not outside, f"documents outside the repository are cited: {outside}"
+    missing = {name: sorted({p for p in PROJECT_PATH.findall(text) if not (ROOT / p).exists()} - CREATED_AT_RUN_TIME)
+               for name, text in texts.items()}
+    assert not {k: v for k, v in missing.items() if v}, f"paths that are not in the repository: {missing}"
