@@ -22,7 +22,7 @@ from collections import OrderedDict
 from datasets import DatasetDict, concatenate_datasets
 from tqdm.auto import tqdm
 
-from configuration_detris.release import DEFAULT_SPLIT_BY
+from configuration_detris.release import DEFAULT_SPLIT_BY, MIXED_DATASETS, REFER_SOURCE
 from configuration_detris.release import REFER_SPLIT_BY as REFER_DATASETS
 
 from .rows import RowBuilder, check_split_sizes, rows_to_datasetdict
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # the mixed training set never uses the Google split of G-Ref (its val images overlap the UNC train images)
-MIXED_SOURCES = (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"))
+MIXED_SOURCES = tuple(REFER_SOURCE[dataset] for dataset in MIXED_DATASETS)
 _REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
