@@ -59,7 +59,15 @@ def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
 
     from .pipeline import TASK
 
-    return pipeline(TASK, model=model, device=device, trust_remote_code=trust_remote_code)
+    try:
+        return pipeline(TASK, model=model, device=device, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"--model {model!r} is not a DETRIS model detris-hf can load with its own classes: it needs its own Python "
+            "code; pass --trust-remote-code to run that code (only for a source you trust)"
+        ) from error
 
 
 def predict(model, images, texts, output, threshold=None, device=None, log=print,

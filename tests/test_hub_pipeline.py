@@ -97,3 +97,24 @@ def test_predict_errors(setup, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert cli(["predict", "--model", str(tmp_path / "none"), "--image", str(image), "--text", "x", "--output", str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_predict_runs_a_folders_code_only_with_trust_remote_code(setup, tmp_path, capsys):
+    """A folder whose model type detris-hf does not know, with its own code: one line naming --trust-remote-code."""
+    import shutil
+
+    model_dir, image, _ = setup
+    trap = tmp_path / "trap"
+    shutil.copytree(model_dir, trap)
+    config = json.loads((trap / "config.json").read_text())
+    config["model_type"] = "detris-unknown"
+    config["auto_map"] = {"AutoConfig": "configuration_detris.DetrisConfig",
+                          "AutoModel": "modeling_detris.DetrisForReferringSegmentation"}
+    (trap / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran.txt"
+    (trap / "configuration_detris.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert cli(["predict", "--model", str(trap), "--image", str(image), "--text", "the dog",
+                "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --trust-remote-code" in err and err.count("\n") == 1
+    assert not marker.exists()

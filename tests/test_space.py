@@ -125,6 +125,7 @@ def test_space_refuses_bad_arguments(tiny, tmp_path, capsys):
         (["--model", str(adapter), "--output", str(tmp_path / "o2")], "is an adapter-only folder"),
         (["--model", str(model), "--output", str(taken)], f"--output {str(taken)!r} exists and is not empty"),
         (["--model", str(model), "--output", str(model / "space")], "is inside the model folder"),
+        (["--model", str(model), "--output", str(model.parent), "--overwrite"], "contains the model folder"),
         (["--model", "org/a", "--output", str(tmp_path / "o3"), "--model-repo-id", "org/b"],
          "--model-repo-id 'org/b' differs from --model 'org/a'"),
         (["--model", "org/a", "--output", str(tmp_path / "o4"), "--max-expressions", "0"], "--max-expressions 0 is outside [1, 64]"),
@@ -135,6 +136,7 @@ def test_space_refuses_bad_arguments(tiny, tmp_path, capsys):
         assert message in capsys.readouterr().err, arguments
     assert (taken / "file.txt").read_text() == "x"
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+    assert (model / "config.json").is_file()  # --overwrite never deleted the model
 
 
 def test_push_uploads_a_space_folder_as_a_gradio_space(tiny, tmp_path, monkeypatch):
