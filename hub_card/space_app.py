@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -36,7 +37,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoModel, AutoProcessor
 
 HERE = Path(__file__).resolve().parent
@@ -150,10 +151,11 @@ def image_source(image):
     return image, Path(str(image)).name
 
 
-def load_image(image, max_pixels) -> np.ndarray:
-    """The uploaded image (a path or Gradio's file payload) as an RGB uint8 array (EXIF orientation applied),
-    refused with a readable message when it is missing, not an image, corrupt, or larger than `max_pixels` (checked
-    from the header, before decoding)."""
+def load_image(image, max_pixels, decode=None) -> np.ndarray:
+    """The uploaded image (a path or Gradio's file payload) as an RGB uint8 array, decoded by `decode` (the model's
+    image processor's own decoding, `Segmenter.decode`: EXIF orientation, grey and 16-bit modes, alpha), refused with
+    a readable message when it is missing, not an image, corrupt, or larger than `max_pixels` (checked from the
+    header, before decoding)."""
     source, name = image_source(image)
     if source is None:
         raise DemoError("No image: upload a photo (or paste one, or take one with the webcam), or pick an example below.")
@@ -167,7 +169,7 @@ def load_image(image, max_pixels) -> np.ndarray:
                     f"The image is {width} x {height} = {width * height:,} pixels, more than this demo's limit of "
                     f"{max_pixels:,} pixels (the processor's max_image_pixels). Downscale it and upload it again."
                 )
-            return to_rgb(ImageOps.exif_transpose(handle))
+            return decode(handle)
     except DemoError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
@@ -176,14 +178,6 @@ def load_image(image, max_pixels) -> np.ndarray:
         raise DemoError(f"The uploaded file {name!r} is gone; upload the image again.") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise DemoError(f"{name!r} could not be decoded ({error}); the file looks truncated or corrupt.") from error
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """RGB uint8; 16/32-bit grey keeps its top 8 bits (`>> 8`, as the processor) instead of Pillow's clipping."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        grey = (np.clip(np.asarray(image), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _unreadable(name: str, error: Exception) -> str:
@@ -214,6 +208,13 @@ class Segmenter:
         self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code,
                                                        revision=revision)
         self.max_image_pixels = getattr(self.processor.image_processor, "max_image_pixels", None)
+        # The module of the image processor (the exported `image_processing_detris.py` on the Space): its decoding
+        # is the one the model's inputs get, so the page decodes uploads with it too.
+        self.image_processing = sys.modules[type(self.processor.image_processor).__module__]
+
+    def decode(self, image: Image.Image) -> np.ndarray:
+        """An opened PIL image as the RGB uint8 array the processor would make of it."""
+        return self.image_processing.to_rgb_uint8(image, self.max_image_pixels)
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray, expressions: list, threshold: float = DEFAULT_THRESHOLD):
@@ -338,7 +339,7 @@ def run(segmenter: Segmenter, image, text, threshold, max_expressions: int = DEF
         load_image(None, None)  # the "no image" message, before any other
     expressions = parse_expressions(text, max_expressions)
     threshold = check_threshold(threshold)
-    image = load_image(image, segmenter.max_image_pixels)
+    image = load_image(image, segmenter.max_image_pixels, segmenter.decode)
     try:
         masks, scores, seconds = segmenter.segment(image, expressions, threshold)
     except ValueError as error:  # the processor's own checks (size, content) name the bad value

@@ -230,16 +230,18 @@ def test_run_takes_gradio_file_payloads(segmenter, tiny, tmp_path, monkeypatch):
         space_app.run(segmenter, {"path": None, "url": None}, "the dog", 0.35)
 
 
-def test_images_of_any_mode_become_rgb(tmp_path):
+def test_images_of_any_mode_become_rgb(segmenter, tmp_path):
+    """Uploads are decoded by the model's image processor module (on the Space: the exported file)."""
+    assert segmenter.image_processing.__name__ == type(segmenter.processor.image_processor).__module__
     grey16 = Image.fromarray(np.array([[0, 256, 65535]], dtype=np.uint16))
-    assert space_app.to_rgb(grey16).tolist() == [[[0, 0, 0], [1, 1, 1], [255, 255, 255]]]
+    assert segmenter.decode(grey16).tolist() == [[[0, 0, 0], [1, 1, 1], [255, 255, 255]]]
     rgba = Image.new("RGBA", (3, 2), (10, 20, 30, 0))
-    assert space_app.to_rgb(rgba).shape == (2, 3, 3) and space_app.to_rgb(rgba)[0, 0].tolist() == [10, 20, 30]
+    assert segmenter.decode(rgba).shape == (2, 3, 3) and segmenter.decode(rgba)[0, 0].tolist() == [10, 20, 30]
     rotated = tmp_path / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     Image.new("RGB", (40, 20), (200, 10, 10)).save(rotated, exif=exif)
-    assert space_app.load_image(str(rotated), None).shape == (40, 20, 3)
+    assert space_app.load_image(str(rotated), None, segmenter.decode).shape == (40, 20, 3)
 
 
 def test_render_overlay_tints_and_outlines_each_mask():
