@@ -5,6 +5,7 @@ tests/test_space_browser.py."""
 import ast
 import hashlib
 import json
+import os
 import re
 import sys
 import urllib.request
@@ -61,6 +62,9 @@ def test_space_folder_from_a_model_folder(tiny, tmp_path):
     space = tmp_path / "space"
     assert cli(["space", "--model", str(model), "--output", str(space), "--model-repo-id", "org/detris-tiny"]) == 0
     assert {"app.py", "requirements.txt", "README.md", "space_config.json", "examples", "model"} <= {p.name for p in space.iterdir()}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert space.stat().st_mode & 0o777 == (space / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others
     assert not [p for p in space.parent.iterdir() if p.name.startswith(".space")], "staging folder left behind"
     assert (space / "app.py").read_bytes() == APP_SOURCE.read_bytes()
     assert is_exported_folder(space / "model") and is_space_folder(space)
