@@ -77,8 +77,7 @@ BLOCKS = {
         "base = DetrisForReferringSegmentation.from_pretrained('detris-base-backbones')\n"),
     ("docs/peft.md", "from modeling_detris import to_standalone_model"): Block(
         after=("docs/peft.md", 'model = get_peft_model(base, DetrisAdapterConfig.from_preset("base"), adapter_name="refcoco")')),
-    ("docs/release.md", "import modeling_detris  # registers DETRIS and its PEFT method"): Block(
-        before="from PIL import Image\nimage = Image.open('photo.jpg')\n"),
+    ("docs/release.md", "import modeling_detris, processing_detris  # register DETRIS, its PEFT method and its processor"): Block(),
     ("docs/release.md", "import torch"): Block(
         replace={'"openai/clip-vit-base-patch16"': '"standins/clip"'}),
     # generated cards
