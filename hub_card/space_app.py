@@ -7,7 +7,9 @@ image go through the model as one batch (one forward pass).
 
 `detris space` writes this file unchanged as the Space's `app.py`; `detris app` serves it locally. It imports
 nothing of detris-hf: the model and its processor are loaded with `trust_remote_code=True` from an exported folder
-(`detris export`) or a Hub repository, as any Hub user does.
+(`detris export`) or a Hub repository, as any Hub user does. Decoding, letterbox, post-processing and the overlay
+are the processor's (`to_rgb_uint8`, `processor(...)`, `post_process_referring_segmentation`,
+`draw_referring_overlay`), so the page shows what every DETRIS tool computes and draws.
 
 Settings come from `space_config.json` beside this file (written by `detris space`), overridden by the environment:
 
@@ -19,7 +21,6 @@ Examples are read from `examples/examples.json` (`[{"file", "expressions", "sour
 """
 
 import base64
-import colorsys
 import html
 import io
 import json
@@ -45,7 +46,6 @@ SETTINGS_FILE = "space_config.json"
 EXAMPLES_FILE = "examples.json"
 DEFAULT_THRESHOLD = 0.35
 DEFAULT_MAX_EXPRESSIONS = 16
-ALPHA = 0.5
 OUTPUT_MAX_AGE_S = 3600
 IMAGE_HEIGHT = 360  # pixels on the page; small images are scaled up to it
 READABLE_FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
@@ -246,33 +246,8 @@ class Segmenter:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def colour(index: int) -> tuple:
-    """The `index`-th expression's colour: hues spread by the golden ratio, saturated and bright."""
-    red, green, blue = colorsys.hsv_to_rgb((0.02 + index * 0.618034) % 1.0, 0.85, 0.95)
-    return int(round(red * 255)), int(round(green * 255)), int(round(blue * 255))
-
-
 def hex_colour(rgb) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """The mask pixels with at least one 4-neighbour outside the mask."""
-    padded = np.pad(mask, 1, constant_values=False)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~interior
-
-
-def render_overlay(image: np.ndarray, masks: list, colours: list, alpha: float = ALPHA) -> np.ndarray:
-    """`image` with every mask tinted in its colour and outlined; the size of `image`."""
-    result = image.astype(np.float32)
-    for mask, rgb in zip(masks, colours):
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask of shape {mask.shape} does not match the image {image.shape[:2]} (height, width)")
-        tint = np.asarray(rgb, dtype=np.float32)
-        result[mask] = (1.0 - alpha) * result[mask] + alpha * tint
-        result[_outline(mask)] = tint
-    return np.clip(np.rint(result), 0, 255).astype(np.uint8)
 
 
 def legend_html(expressions: list, colours: list, masks: list, scores: list) -> str:
@@ -344,8 +319,9 @@ def run(segmenter: Segmenter, image, text, threshold, max_expressions: int = DEF
         masks, scores, seconds = segmenter.segment(image, expressions, threshold)
     except ValueError as error:  # the processor's own checks (size, content) name the bad value
         raise DemoError(f"The model could not process this image: {error}") from error
-    colours = [colour(index) for index in range(len(expressions))]
-    overlay = render_overlay(image, masks, colours)
+    # the processor's renderer (the one every DETRIS tool draws with; on the Space, the exported file's)
+    colours = [segmenter.processor.overlay_colour(index) for index in range(len(expressions))]
+    overlay = np.asarray(segmenter.processor.draw_referring_overlay(image, masks, expressions))
     height, width = image.shape[:2]
     return (
         overlay,

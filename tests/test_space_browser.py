@@ -26,11 +26,11 @@ from hub_helpers import save_tiny_model, write_test_image
 from space_helpers import OURS, ServedSpace, clean_env, find_chromium, isolated_python, legend, open_page, submit_and_wait
 
 import hub_card  # noqa: F401
-from hub_card import space_app
+from processing_detris import draw_referring_overlay, overlay_colour
 from training.cli import main as cli
 
 ARTIFACTS = Path(os.environ.get("DETRIS_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
-IMAGE_SIZE = (97, 64)  # (width, height), not square, so a transposed overlay would be caught
+IMAGE_SIZE = (97, 64)  # (width, height), not square, so a transposed mask or overlay would be caught
 EXPRESSIONS = ["the red box", "the grey noise on the left"]
 
 IMPORT_CHECK = textwrap.dedent(
@@ -89,8 +89,10 @@ def test_gradio_client_request_and_readable_errors(served, tmp_path):
     client = Client(served.url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
     overlay, legend_html, masks, timing = client.predict(handle_file(str(served.image)), "\n".join(EXPRESSIONS), 0.35,
                                                           api_name="/segment")
-    assert Image.open(overlay).size == IMAGE_SIZE
     assert [Image.open(path).size for path in masks] == [IMAGE_SIZE, IMAGE_SIZE]
+    expected = draw_referring_overlay(np.asarray(Image.open(served.image).convert("RGB")),
+                                      [np.asarray(Image.open(path)) > 127 for path in masks], EXPRESSIONS)
+    assert Image.open(overlay).size == expected.size
     assert legend_html.count('class="detris-legend-item"') == 2 and "the red box" in legend_html
     assert re.search(r"Model time: \d+ ms\*\* on `cpu` for 2 expressions in one forward pass", timing), timing
 
@@ -162,20 +164,20 @@ def test_page_in_a_real_browser(served, chromium, tmp_path):
             assert [text for text, _ in entries] == EXPRESSIONS
             colours = [tuple(int(v) for v in re.findall(r"\d+", css)) for _, css in entries]
             assert len(set(colours)) == 2, entries
-            assert colours == [space_app.colour(0), space_app.colour(1)]
-
-            overlay_img = page.locator("#detris-overlay img")
-            size = page.evaluate("img => [img.naturalWidth, img.naturalHeight]", overlay_img.element_handle())
-            assert tuple(size) == IMAGE_SIZE
-            overlay = _fetch_png(page, overlay_img.get_attribute("src"))
-            assert overlay.size == IMAGE_SIZE
+            assert colours == [overlay_colour(0), overlay_colour(1)]
 
             links = page.locator("#detris-masks a[download]")
             assert links.count() == 2
             masks = [np.asarray(_fetch_png(page, links.nth(k).get_attribute("href"))) > 127 for k in range(2)]
             rgb = np.asarray(Image.open(served.image).convert("RGB"))
-            expected = space_app.render_overlay(rgb, masks, colours)
-            assert np.array_equal(np.asarray(overlay.convert("RGB")), expected), "overlay != masks tinted in the legend colours"
+            # the processor's renderer (the exported file's, in the Space) on the downloadable masks
+            expected = draw_referring_overlay(rgb, masks, EXPRESSIONS)
+            overlay_img = page.locator("#detris-overlay img")
+            size = page.evaluate("img => [img.naturalWidth, img.naturalHeight]", overlay_img.element_handle())
+            assert tuple(size) == expected.size
+            overlay = _fetch_png(page, overlay_img.get_attribute("src"))
+            assert np.array_equal(np.asarray(overlay.convert("RGB")), np.asarray(expected)), \
+                "overlay != the processor's drawing of the downloaded masks in the legend colours"
 
             with page.expect_download() as download_info:
                 links.first.click()
@@ -211,7 +213,9 @@ def test_page_in_a_real_browser(served, chromium, tmp_path):
             submit_and_wait(page, len(examples[0]["expressions"]))
             assert [text for text, _ in legend(page)] == examples[0]["expressions"]
             example_overlay = _fetch_png(page, page.locator("#detris-overlay img").get_attribute("src"))
-            assert example_overlay.size == Image.open(served.space / "examples" / examples[0]["file"]).size
+            example = np.asarray(Image.open(served.space / "examples" / examples[0]["file"]).convert("RGB"))
+            blank = [np.zeros(example.shape[:2], dtype=bool)] * len(examples[0]["expressions"])
+            assert example_overlay.size == draw_referring_overlay(example, blank, examples[0]["expressions"]).size
             page.screenshot(path=str(ARTIFACTS / "space_browser_example.png"))
         finally:
             browser.close()
