@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
@@ -405,7 +405,7 @@ class DetrisImageProcessor(PilBackend):
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
     def __init__(self, **kwargs: Unpack[DetrisImageProcessorKwargs]):
-        super().__init__(**kwargs)
+        super().__init__(**_size_as_dict(kwargs))
         self._validate_preprocess_kwargs(**self._standardize_kwargs(**{name: getattr(self, name, None) for name in self._valid_kwargs_names}))
 
     def _validate_preprocess_kwargs(
@@ -471,7 +471,7 @@ class DetrisImageProcessor(PilBackend):
         Letterbox and normalise `images` (one image or a list); optionally turn `masks` (one per image, same
         `(height, width)` as its image) into soft `labels`.
         """
-        return super().preprocess(images, image_like_kwargs={"masks": masks}, **kwargs)
+        return super().preprocess(images, image_like_kwargs={"masks": masks}, **_size_as_dict(kwargs))
 
     def _preprocess_image_like_inputs(self, images, masks=None, **kwargs) -> BatchFeature:
         images = as_image_list(images, "images")
@@ -596,6 +596,13 @@ class DetrisImageProcessor(PilBackend):
         if implementation == "torch":
             return _inverse_letterbox_torch(probabilities, sizes, threshold)
         raise ValueError(f"implementation must be 'torch' or 'opencv', got {implementation!r}.")
+
+
+def _size_as_dict(kwargs: dict) -> dict:
+    """transformers' kwarg validation refuses its own `SizeDict` (what `processor.size` holds); pass it as a dict."""
+    if isinstance(kwargs.get("size"), SizeDict):
+        kwargs["size"] = {key: value for key, value in dict(kwargs["size"]).items() if value is not None}
+    return kwargs
 
 
 def letterbox_image(
