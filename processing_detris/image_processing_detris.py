@@ -137,7 +137,9 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _pil_to_rgb(image: "Image.Image", max_pixels: int | None, convert_rgb: bool = True, name: str = "the PIL image") -> np.ndarray:
+def _pil_to_rgb(
+    image: "Image.Image", max_pixels: int | None, convert_rgb: bool = True, name: str = "the PIL image"
+) -> np.ndarray:
     width, height = image.size
     _check_size(height, width, max_pixels)
     if not convert_rgb and image.mode != "RGB":
@@ -177,7 +179,9 @@ def _refuse_conversion(what: str):
     )
 
 
-def _decode_bytes(data: bytes, max_pixels: int | None, convert_rgb: bool = True, name: str = "the image bytes") -> np.ndarray:
+def _decode_bytes(
+    data: bytes, max_pixels: int | None, convert_rgb: bool = True, name: str = "The image bytes"
+) -> np.ndarray:
     """Decode an encoded image exactly like the official code: `cv2.imdecode(IMREAD_COLOR)` then BGR -> RGB. The
     header is read with PIL first (no pixel decoding) to enforce the pixel limit. `name` (e.g. the file path) is
     named in every error."""
@@ -252,7 +256,8 @@ def _array_to_rgb(
         raise ValueError(f"Unsupported {source} image dtype {array.dtype}; expected uint8.")
 
     if not convert_rgb and (array.ndim == 2 or array.shape[-1] != 3):
-        _refuse_conversion(f"A {source} image of shape {tuple(array.shape)} has {1 if array.ndim == 2 else array.shape[-1]} channel(s)")
+        channels = 1 if array.ndim == 2 else array.shape[-1]
+        _refuse_conversion(f"A {source} image of shape {tuple(array.shape)} has {channels} channel(s)")
     if array.ndim == 2:
         return _grey_to_rgb(array)
     channels = array.shape[-1]
@@ -380,14 +385,20 @@ class DetrisImageProcessor(PilBackend):
     - `labels` (only when `masks` are given): `(B, H_in, W_in)` float32 soft masks in [0, 1].
 
     Args:
-        size (`dict[str, int]`, *optional*, defaults to `{"height": 448, "width": 448}`): letterbox size.
-        image_mean / image_std (*optional*, default to the OpenAI CLIP statistics): normalisation statistics.
-        do_rescale / do_normalize (`bool`, *optional*, default to `True`): `/255` and mean/std normalisation.
-        max_image_pixels (`int`, *optional*, defaults to `8192 * 8192`): decompression-bomb guard, see
-            [`DetrisImageProcessorKwargs`].
+        size (`int`, `(height, width)`, `dict` or `SizeDict`, *optional*, defaults to `{"height": 448, "width": 448}`):
+            letterbox size (positive `height` and `width`).
+        image_mean / image_std (3 finite floats each, *optional*, default to the OpenAI CLIP statistics):
+            normalisation statistics; every std must be > 0.
+        do_rescale / do_normalize (`bool`, *optional*, default to `True`): `* rescale_factor` (1/255) and mean/std
+            normalisation.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`): convert grey / alpha / palette / CMYK images to RGB
+            like OpenCV; with `False` only 3-channel RGB images are accepted.
+        max_image_pixels (`int`, *optional*, defaults to `8192 * 8192`): decompression-bomb guard for inputs and
+            post-processing target sizes, see [`DetrisImageProcessorKwargs`].
 
-    The letterbox itself is always applied (`do_resize` must stay `True`): DETRIS needs square inputs of exactly
-    `size`, and its position embeddings are baked for that grid.
+    Every option is honoured or refused with a `ValueError` naming it (at construction and per call): the letterbox
+    is always applied and always bicubic (`do_resize=False`, another `resample`, `do_center_crop`, `do_pad` and a
+    channels-last `data_format` are refused), because DETRIS needs inputs of exactly `size`.
     """
 
     valid_kwargs = DetrisImageProcessorKwargs
@@ -406,7 +417,8 @@ class DetrisImageProcessor(PilBackend):
 
     def __init__(self, **kwargs: Unpack[DetrisImageProcessorKwargs]):
         super().__init__(**_size_as_dict(kwargs))
-        self._validate_preprocess_kwargs(**self._standardize_kwargs(**{name: getattr(self, name, None) for name in self._valid_kwargs_names}))
+        options = {name: getattr(self, name, None) for name in self._valid_kwargs_names}
+        self._validate_preprocess_kwargs(**self._standardize_kwargs(**options))  # bad values fail here, not per call
 
     def _validate_preprocess_kwargs(
         self,
@@ -454,9 +466,8 @@ class DetrisImageProcessor(PilBackend):
                 isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
                 for v in flat
             ):
-                raise ValueError(
-                    f"{name}={values!r} must be 3 finite numbers, one per RGB channel, e.g. {list(OPENAI_CLIP_MEAN if name == 'image_mean' else OPENAI_CLIP_STD)}."
-                )
+                example = list(OPENAI_CLIP_MEAN if name == "image_mean" else OPENAI_CLIP_STD)
+                raise ValueError(f"{name}={values!r} must be 3 finite numbers, one per RGB channel, e.g. {example}.")
             if name == "image_std" and any(float(v) <= 0 for v in flat):
                 raise ValueError(f"image_std={values!r} must be > 0 in every channel (the pixels are divided by it).")
         if max_image_pixels is not None and (
