@@ -300,7 +300,7 @@ def draw_referring_overlay(image, masks, labels, ground_truth=None, scores=None,
         caption = label if scores is None else f"{label} ({float(scores[index]):.2f})"
         entries.append((colours[index], _wrap(caption, font, text_width), False))
     if any(truth is not None for truth in truths):
-        entries.append((np.zeros(3), _wrap("filled: prediction; dashed outline: ground truth", font, text_width), True))
+        entries.append((np.zeros(3), _wrap("dashed outline: ground truth", font, text_width), True))
     legend_height = sum(len(lines) for _, lines, _ in entries) * line_height + 2 * margin if entries else 0
     result = Image.new("RGB", (display_width, display_height + legend_height), "white")
     result.paste(drawn, (0, 0))
