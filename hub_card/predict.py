@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-from processing_detris import DEFAULT_MAX_IMAGE_PIXELS, draw_referring_overlay, to_rgb_uint8
 
 def _safe_stem(path: Path, used: set) -> str:
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
@@ -39,6 +38,8 @@ def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
 
 def predict(model, images, texts, output, threshold=None, device=None, log=print) -> list[dict]:
     """Run the pipeline on every (image, expression) and write the files; returns the records."""
+    from processing_detris import DEFAULT_MAX_IMAGE_PIXELS, draw_referring_overlay, to_rgb_uint8
+
     images = [Path(p) for p in images]
     for path in images:
         if not path.is_file():
