@@ -17,11 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
 
 
 def plot_history(history: list[dict], path: Path, baseline: float):
@@ -59,10 +56,12 @@ def plot_history(history: list[dict], path: Path, baseline: float):
 
 @torch.inference_mode()
 def overlay_examples(model, processor, dataset, path: Path, images: int = 4):
-    """Each test image with all its expressions predicted in one batch, each in its own colour, with a legend."""
+    """Each test image with all its expressions predicted in one batch, each in its own colour with its ground truth
+    dashed, and a legend (`draw_referring_overlay`), side by side."""
     from training.data.collate import processor_image
+    from training.data.masks import decode_rle
 
-    from processing_detris.image_processing_detris import to_rgb_uint8
+    from processing_detris import draw_referring_overlay
 
     by_image = {}
     for row in dataset:
@@ -76,19 +75,8 @@ def overlay_examples(model, processor, dataset, path: Path, images: int = 4):
         inputs = processor(images=image, text=texts, return_tensors="pt")
         logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"]).logits
         masks = processor.post_process_referring_segmentation(logits, inputs["original_sizes"])
-        rgb = to_rgb_uint8(image).astype(np.float32)
-        for k, mask in enumerate(masks):
-            m = mask.numpy()
-            rgb[m] = 0.4 * rgb[m] + 0.6 * np.array(COLOURS[k % len(COLOURS)])
-        tile = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize((256, 256), Image.NEAREST)
-        canvas = Image.new("RGB", (256, 256 + 14 * len(texts) + 4), "white")
-        canvas.paste(tile, (0, 0))
-        draw = ImageDraw.Draw(canvas)
-        for k, text in enumerate(texts):
-            y = 258 + 14 * k
-            draw.rectangle((2, y + 2, 10, y + 10), fill=COLOURS[k % len(COLOURS)])
-            draw.text((14, y), text[:38], fill=(0, 0, 0))
-        tiles.append(canvas)
+        truths = [decode_rle(row["mask"]).astype(bool) for row in rows]
+        tiles.append(draw_referring_overlay(image, masks, texts, ground_truth=truths, width=256))
     total = Image.new("RGB", (sum(t.width for t in tiles) + 8 * len(tiles), max(t.height for t in tiles)), "white")
     x = 0
     for tile in tiles:

@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+from processing_detris import draw_referring_overlay
 from processing_detris.metrics import PRECISION_NAMES, ReferringSegmentationMetric, intersection_and_union
 from training.data import DetrisDataCollator, to_sentence_level
 from training.data.collate import processor_image
@@ -82,8 +82,8 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 @torch.inference_mode()
 def prediction_grid(model, processor, dataset, indices, ious, path, cell: int = 192, title: str = ""):
-    """A PNG grid: each cell the image with the prediction (red) and ground-truth outline (green), the expression
-    and its IoU."""
+    """A PNG grid, 4 pictures per row, each `cell` pixels wide: the image with the prediction filled and outlined and
+    the ground truth as a dashed outline, the expression and its IoU in full below (`draw_referring_overlay`)."""
     model.eval()
     device = next(model.parameters()).device
     rows = [dataset[int(i)] for i in indices]
@@ -91,25 +91,21 @@ def prediction_grid(model, processor, dataset, indices, ious, path, cell: int = 
     inputs = processor(images=images, text=[r["sentence"] for r in rows], return_tensors="pt")
     logits = model(pixel_values=inputs["pixel_values"].to(device), input_ids=inputs["input_ids"].to(device)).logits
     masks = processor.post_process_referring_segmentation(logits.float(), inputs["original_sizes"])
-    columns = min(4, len(rows)) or 1
-    grid = Image.new("RGB", (columns * cell, ((len(rows) + columns - 1) // columns) * (cell + 28) + 20), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), title, fill=(0, 0, 0))
-    for k, (row, mask, index) in enumerate(zip(rows, masks, indices)):
-        from processing_detris.image_processing_detris import to_rgb_uint8
-
-        rgb = to_rgb_uint8(images[k]).astype(np.float32)
-        pred = mask.cpu().numpy()
-        gt = decode_rle(row["mask"]).astype(bool)
-        rgb[pred] = 0.45 * rgb[pred] + 0.55 * np.array([230, 30, 30])
-        edge = gt & ~np.pad(gt, 1, mode="edge")[2:, 1:-1] | gt & ~np.pad(gt, 1, mode="edge")[1:-1, 2:]
-        rgb[edge] = (30, 200, 30)
-        tile = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-        tile.thumbnail((cell, cell))
-        x, y = (k % columns) * cell, 20 + (k // columns) * (cell + 28)
-        grid.paste(tile, (x, y))
-        draw.text((x + 2, y + cell + 1), row["sentence"][:34], fill=(0, 0, 0))
-        draw.text((x + 2, y + cell + 13), f"IoU {float(ious[int(index)]):.2f}", fill=(0, 0, 0))
+    tiles = [
+        draw_referring_overlay(image, [mask], [f"{row['sentence']} (IoU {float(ious[int(index)]):.2f})"],
+                               ground_truth=decode_rle(row["mask"]).astype(bool), width=cell)
+        for image, row, mask, index in zip(images, rows, masks, indices)
+    ]
+    columns = min(4, len(tiles)) or 1
+    row_heights = [max(t.height for t in tiles[k:k + columns]) for k in range(0, len(tiles), columns)]
+    title_height = 20
+    grid = Image.new("RGB", (columns * cell, title_height + sum(row_heights)), "white")
+    ImageDraw.Draw(grid).text((4, 4), title, fill=(0, 0, 0))
+    y = title_height
+    for start, height in zip(range(0, len(tiles), columns), row_heights):
+        for k, tile in enumerate(tiles[start:start + columns]):
+            grid.paste(tile, (k * cell, y))
+        y += height
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
@@ -164,7 +160,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sentences", choices=["all", "first"], default="all", help="official test: all")
     parser.add_argument("--max-samples", type=int, default=None)
-    parser.add_argument("--grid", type=int, default=8, help="predictions shown in the best/worst grids")
+    parser.add_argument("--grid", type=int, default=8,
+                        help="N: <split>_best.png shows the N/2 best predictions, <split>_worst.png the N/2 worst "
+                             "(0: no grids)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     return parser
