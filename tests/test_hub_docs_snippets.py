@@ -191,4 +191,5 @@ def test_docs_cite_only_files_in_the_repository(workdir):
     assert not outside, f"documents outside the repository are cited: {outside}"
     missing = {name: sorted({p for p in PROJECT_PATH.findall(text) if not (ROOT / p).exists()} - CREATED_AT_RUN_TIME)
                for name, text in texts.items()}
-    assert not {k: v for k, v in missing.items() if v}, f"paths that are not in the repository: {missing}"
+    missing = {name: paths for name, paths in missing.items() if paths}
+    assert not missing, f"paths that are not in the repository: {missing}"
