@@ -141,18 +141,23 @@ def test_adapter_folder_gets_its_own_card(tmp_path):
 
 
 def test_reading_the_release_table_loads_no_model():
-    """The release facts (and the evaluation-results schema) are tables: importing them loads neither the model
-    nor the processor, nor training."""
+    """The release facts are tables: importing them loads neither the model, the processor, training, nor torch or
+    transformers."""
     import subprocess
     import sys
 
     code = ("import sys, configuration_detris.release as r; "
             "assert r.WORD_LEN[r.canonical_dataset('refcocog_u')] == 22; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('modeling_detris', 'processing_detris', 'training', 'hub_card', 'peft')))")
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'modeling_detris', 'processing_detris', 'training', 'hub_card', 'peft', 'torch', 'transformers'}))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+    # taking a name from the package still registers the configuration with AutoConfig
+    code = ("from configuration_detris import DetrisConfig\nfrom transformers import AutoConfig\n"
+            "assert type(AutoConfig.for_model('detris')) is DetrisConfig\nprint('registered')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "registered", run.stderr
 
 
 def test_eval_results_json_of_detris_eval_is_accepted(tiny_model_dir, tmp_path, capsys):
