@@ -42,7 +42,8 @@ test-latest: browser
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" $(LATEST_EXTRA)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(if $(LATEST_EXTRA),$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade $(LATEST_EXTRA))
 	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|huggingface.hub|safetensors|evaluate)=='
 	$(LATEST_VENV)/bin/python -m pytest tests
 
