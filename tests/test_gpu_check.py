@@ -17,9 +17,9 @@ def test_dry_run_runs_every_step_and_writes_the_reports(tmp_path, one_thread):
     assert set(results["step_seconds"]) == {"peak", "parity", "throughput", "evaluation"}
     assert results["peak_label"] == "bf16 256x256 matmul" and results["peak_flops_per_s"] > 0
     cases = {c["case"]: c for c in results["parity"]["cases"]}
-    assert set(cases) == {"fp32 sdpa", "fp32 eager", "bf16 sdpa"}  # + the flash cases on CUDA
+    assert set(cases) == {"fp32 sdpa", "fp32 eager", "bf16 sdpa", "bf16 sdpa fused kernels only"}  # + flash_attn on CUDA
     assert cases["fp32 sdpa"]["met"] and cases["fp32 eager"]["met"]  # against the same model's fp32 CPU outputs
-    assert 0 < cases["bf16 sdpa"]["logits_max_abs_diff"] < 1
+    assert 0 < cases["bf16 sdpa"]["logits_max_abs_diff"] < 1 and "error" not in cases["bf16 sdpa fused kernels only"]
     throughput = results["throughput"]
     assert [(r["role"], r["benchmark"]) for r in throughput] == [
         ("base", "inference"), ("base", "training"), ("large", "inference"), ("large", "training")]
