@@ -36,8 +36,9 @@ from torch import nn
 CPU_MODES = ("auto", "bf16", "int8", "fp32")
 
 # Linear layers that the int8 path quantises: the frozen backbones' attention and MLP projections. Names are matched
-# against `model.named_modules()`; adapters live under `detris_*` submodules and are excluded explicitly.
-INT8_LINEAR_PATTERN = re.compile(r"^(vision_model|text_model)\..*\.(attention|self_attn|mlp)\.(?:base_layer\.)?"
+# against `model.named_modules()` (also under a peft wrapper's `base_model.model.` prefix); adapters live under
+# `detris_*` submodules and are excluded explicitly.
+INT8_LINEAR_PATTERN = re.compile(r"(?:^|\.)(vision_model|text_model)\..*\.(attention|self_attn|mlp)\.(?:base_layer\.)?"
                                  r"(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2)$")
 INT8_EXCLUDED_PART = "detris_"
 
@@ -82,7 +83,7 @@ def cpu_fast_path(isa: dict | None = None) -> str:
 def int8_linear_names(model: nn.Module) -> list[str]:
     """Names of the `nn.Linear` modules the int8 path quantises (see `INT8_LINEAR_PATTERN`)."""
     return [name for name, module in model.named_modules()
-            if type(module) is nn.Linear and INT8_EXCLUDED_PART not in name and INT8_LINEAR_PATTERN.match(name)]
+            if type(module) is nn.Linear and INT8_EXCLUDED_PART not in name and INT8_LINEAR_PATTERN.search(name)]
 
 
 def quantize_backbone_linears(model: nn.Module) -> nn.Module:

@@ -105,3 +105,20 @@ def test_fast_path_masks_match_fp32_on_the_golden_inputs(mode, converted_base_di
     print(f"\n[{mode}] logits max abs diff {diff.max():.3f}, mean {diff.mean():.4f}; mask IoU with fp32 {ious}")
     assert min(ious) >= MASK_IOU, ious
     assert 0 < float(diff.mean()) < 0.2 and np.isfinite(float(diff.max()))
+
+
+def test_int8_finds_the_backbones_under_a_peft_wrapper(one_thread):
+    from peft import get_peft_model
+
+    from modeling_detris import DetrisAdapterConfig
+
+    torch.manual_seed(0)
+    base = DetrisForReferringSegmentation(tiny_config(adapters_in_model=False)).eval()
+    plain = len(int8_linear_names(base))
+    model = get_peft_model(base, DetrisAdapterConfig.from_model_config(base.config)).eval()
+    names = int8_linear_names(model)
+    assert len(names) == plain and all(n.startswith("base_model.model.") for n in names)
+    pixel_values, input_ids, _ = tiny_inputs(base.config)
+    optimize_for_cpu(model, "int8")
+    with torch.inference_mode():
+        assert torch.isfinite(model(pixel_values=pixel_values, input_ids=input_ids).logits).all()
