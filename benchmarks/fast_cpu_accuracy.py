@@ -46,12 +46,18 @@ def evaluate_modes(model_dir: str, dataset, modes: list[str], batch_size: int = 
         results[mode] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         masks[mode] = _predicted_masks(model, loader, processor)
     for mode in modes:
-        ious = [float((a & b).sum()) / max(1.0, float((a | b).sum())) for a, b in zip(masks[mode], masks["fp32"])]
+        ious = [_agreement(a, b) for a, b in zip(masks[mode], masks["fp32"])]
         results[mode]["mask_iou_vs_fp32_mean"] = sum(ious) / len(ious)
         results[mode]["mask_iou_vs_fp32_min"] = min(ious)
         results[mode]["mIoU_drop_points"] = 100 * (results["fp32"]["mIoU"] - results[mode]["mIoU"])
     return {"model": str(model_dir), "sentences": len(sentences), "auto_mode": cpu_fast_path(), "cpu_isa": cpu_isa(),
             "results": results}
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """IoU of two predicted masks; two empty masks agree fully."""
+    union = float((a | b).sum())
+    return 1.0 if union == 0 else float((a & b).sum()) / union
 
 
 @torch.inference_mode()
