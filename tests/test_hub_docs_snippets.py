@@ -83,6 +83,7 @@ BLOCKS = {
     ("docs/peft.md", "from modeling_detris.peft_detris import LEGACY_KEY_MAPPING"): Block(
         before="from transformers import AutoModel\nold_dir = 'model'\n"),
     ("docs/processing.md", "import torch"): Block(replace={"path/to/detris-base-refcoco": "model"}),
+    ("docs/benchmarks.md", "from transformers import AutoModel"): Block(replace={'"path/or/hub-id"': '"model"'}),
     ("docs/release.md", "import torch"): Block(
         replace={'"openai/clip-vit-base-patch16"': '"standins/clip"'}),
     # generated cards
@@ -178,7 +179,9 @@ PROJECT_PATH = re.compile(
     r"|requirements|\.ci)/[\w./+-]*\w)"
 )
 OUTSIDE_DOCUMENTS = re.compile(r"ARCHITECTURE\.md|ECOSYSTEM\.md|PERFORMANCE\.md|issue #\d+")
-CREATED_AT_RUN_TIME = {"tests/artifacts"}  # folders the tests write
+# what documented commands write (the tests' screenshots, a benchmark's --json / --markdown, `make gpu-check`)
+CREATED_AT_RUN_TIME = {"tests/artifacts", "benchmarks/results/cpu-fast-path.json", "benchmarks/results/cpu-fast-path.md",
+                       "benchmarks/results/gpu"}
 
 
 def test_docs_cite_only_files_in_the_repository(workdir):
