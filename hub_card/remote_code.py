@@ -134,7 +134,7 @@ def copy_role_source(path, shipped: dict[str, Path]) -> tuple[str, set[str]]:
         names = ", ".join(alias.name for alias in node.names)
         shown = f"from {'.' * node.level}{node.module or ''} import {names}"
         if node.level == 1 and node.module and "." not in node.module:
-            if node.module not in shipped or node.module == path.stem and shipped[node.module] == path:
+            if node.module not in shipped:
                 raise RemoteCodeError(
                     f"{path}:{node.lineno}: `{shown}` imports a module that is not shipped as remote code; expected "
                     f"only sibling role files {sorted(shipped)}"
