@@ -1,7 +1,7 @@
 """Convert an official DETRIS checkpoint (`.pth`) into a transformers folder (config + safetensors).
 
 The official release stores `{"state_dict": {"module." + name: tensor}, ...}` (saved from DDP); raw state dicts and
-names without `module.` are accepted too. Every official tensor is mapped (ARCHITECTURE.md §5.4); the conversion
+names without `module.` are accepted too. Every official tensor is mapped (docs/architecture.md lists the key layout); the conversion
 refuses, listing the names, if an official tensor is left unused or a model tensor is left unfilled, or if a shape
 does not match the chosen variant.
 
@@ -128,8 +128,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
     if m:
         index, rest = int(m.group(1)), m.group(2)
         prefix = f"{text}encoder.layers.{index}."
-        adapted = index in config.text_adapter_layers
-        mlp = f"{prefix}mlp.base_layer." if adapted else f"{prefix}mlp."
+        mlp = f"{prefix}mlp."
         if rest.startswith("attn.in_proj_"):
             leaf = rest.rsplit("_", 1)[-1]
             return _split_qkv(f"{prefix}self_attn.", leaf, config.text_config.hidden_size)
@@ -138,7 +137,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
             if rest.startswith(old):
                 return [(new + rest[len(old):], None, False)]
         if rest.startswith("adapter."):
-            return [(f"{prefix}mlp.detris_text_adapter.default.{_adapter_name(rest[len('adapter.'):])}", None, False)]
+            return [(f"{prefix}mlp.text_adapter.{_adapter_name(rest[len('adapter.'):])}", None, False)]
     simple_text = {
         "txt_backbone.token_embedding.weight": (f"{text}embeddings.token_embedding.weight", False),
         "txt_backbone.positional_embedding": (f"{text}embeddings.position_embedding.weight", False),
@@ -155,7 +154,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
     if m:
         index, rest = int(m.group(1)), m.group(2)
         prefix = f"vision_model.encoder.layer.{index}."
-        mlp = f"{prefix}mlp.base_layer." if index in config.vision_adapter_layers else f"{prefix}mlp."
+        mlp = f"{prefix}mlp."
         if rest.startswith("attn.qkv."):
             return _split_qkv(f"{prefix}attention.", rest.rsplit(".", 1)[-1], config.vision_config.hidden_size)
         for old, new in (("attn.proj.", f"{prefix}attention.o_proj."), ("norm1.", f"{prefix}norm1."),
@@ -164,7 +163,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
             if rest.startswith(old):
                 return [(new + rest[len(old):], None, False)]
         if rest.startswith("adapter."):
-            return [(f"{prefix}mlp.detris_dense_aligner.default.{_adapter_name(rest[len('adapter.'):])}", None, False)]
+            return [(f"{prefix}mlp.dense_aligner.{_adapter_name(rest[len('adapter.'):])}", None, False)]
     simple_vision = {
         "dinov2.cls_token": "vision_model.embeddings.cls_token",
         "dinov2.register_tokens": "vision_model.embeddings.register_tokens",

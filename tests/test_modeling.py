@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from transformers import AutoModel, CLIPTextConfig, CLIPTextModelWithProjection, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from conftest import tiny_config, tiny_inputs
-from modeling_detris import DenseAlignerLayer, DetrisForReferringSegmentation, TextAdapterLayer
-from modeling_detris.adapters import DenseAligner, TextAdapter
+from modeling_detris import DenseAligner, DetrisForReferringSegmentation, TextAdapter
+from modeling_detris.modeling_detris import init_adapter_weights
+from modeling_detris.peft_detris import is_adapter_key
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,11 @@ def test_dice_loss_weight_adds_a_per_sample_soft_dice_term():
 def test_only_adapters_and_head_are_trainable(tiny_model):
     trainable = {name for name, p in tiny_model.named_parameters() if p.requires_grad}
     for name in trainable:
-        assert name.startswith(("neck.", "decoder.", "projector.")) or ".detris_" in name, name
-    assert any(".detris_dense_aligner." in n for n in trainable) and any(".detris_text_adapter." in n for n in trainable)
+        assert name.startswith(("neck.", "decoder.", "projector.")) or is_adapter_key(name), name
+    assert any(".mlp.dense_aligner." in n for n in trainable) and any(".mlp.text_adapter." in n for n in trainable)
     frozen = {name for name, p in tiny_model.named_parameters() if not p.requires_grad}
-    assert "vision_model.encoder.layer.1.mlp.base_layer.fc1.weight" in frozen
+    # the frozen backbones keep transformers' DINOv2 / CLIP key names
+    assert "vision_model.encoder.layer.1.mlp.fc1.weight" in frozen
     assert "text_model.text_model.embeddings.token_embedding.weight" in frozen and "logit_scale" in frozen
 
 
@@ -73,12 +75,12 @@ def test_gradients_reach_every_adapter_through_the_frozen_backbones():
             assert param.grad is None, name
 
 
-def test_adapter_layers_wrap_the_configured_mlps(tiny_model):
+def test_adapters_sit_in_the_configured_mlps(tiny_model):
     config = tiny_model.config
     for index, layer in enumerate(tiny_model.vision_model.encoder.layer):
-        assert isinstance(layer.mlp, DenseAlignerLayer) == (index in config.vision_adapter_layers)
+        assert isinstance(layer.mlp.dense_aligner, DenseAligner) == (index in config.vision_adapter_layers)
     for index, layer in enumerate(tiny_model.text_model.text_model.encoder.layers):
-        assert isinstance(layer.mlp, TextAdapterLayer) == (index in config.text_adapter_layers)
+        assert isinstance(layer.mlp.text_adapter, TextAdapter) == (index in config.text_adapter_layers)
 
 
 def test_save_and_reload_identical_through_auto_model(tiny_model, tmp_path):
@@ -109,7 +111,7 @@ def test_weights_missing_from_a_checkpoint_get_the_fresh_model_initialisation(ti
 
     tiny_model.save_pretrained(tmp_path)
     weights = load_file(str(tmp_path / "model.safetensors"))
-    backbones = {k: v for k, v in weights.items() if k.startswith(("vision_model.", "text_model.")) and ".detris_" not in k}
+    backbones = {k: v for k, v in weights.items() if k.startswith(("vision_model.", "text_model.")) and not is_adapter_key(k)}
     assert len(backbones) < len(weights) and "logit_scale" not in backbones
     save_file(backbones, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     loaded = DetrisForReferringSegmentation.from_pretrained(tmp_path)
@@ -165,14 +167,14 @@ def test_official_adapter_init():
     torch.manual_seed(0)
     config = tiny_config(vision_adapter_dim=64, vision_adapter_attention_dim=64)
     model = DetrisForReferringSegmentation(config)
-    aligner = model.vision_model.encoder.layer[1].mlp.detris_dense_aligner["default"]
+    aligner = model.vision_model.encoder.layer[1].mlp.dense_aligner
     # linears N(0, 0.02) with zero bias (the official effective init), convs Kaiming-normal, BatchNorm 1/0
     assert abs(aligner.down_proj.weight.std().item() - 0.02) < 0.004
     assert torch.count_nonzero(aligner.down_proj.bias) == 0 and torch.count_nonzero(aligner.up_proj.bias) == 0
     conv = aligner.dense_moc.branch1.conv.weight
     assert abs(conv.std().item() - math.sqrt(2.0 / conv[0].numel())) < 0.2 * math.sqrt(2.0 / conv[0].numel())
     assert torch.all(aligner.dense_moc.branch1.bn.weight == 1)
-    text = model.text_model.text_model.encoder.layers[1].mlp.detris_text_adapter["default"]
+    text = model.text_model.text_model.encoder.layers[1].mlp.text_adapter
     bound = 1 / math.sqrt(text.down_proj.weight.shape[1])
     assert text.down_proj.weight.abs().max() <= bound and text.up_proj.weight.abs().max() > 0
 
@@ -181,7 +183,7 @@ def test_zero_init_adapters_start_as_a_no_op():
     torch.manual_seed(0)
     with_adapters = DetrisForReferringSegmentation(tiny_config(adapter_init="zeros")).eval()
     without = DetrisForReferringSegmentation(tiny_config(adapters_in_model=False)).eval()
-    state = {k.replace("mlp.base_layer.", "mlp."): v for k, v in with_adapters.state_dict().items() if ".detris_" not in k}
+    state = {k: v for k, v in with_adapters.state_dict().items() if not is_adapter_key(k)}
     without.load_state_dict(state, strict=True)
     pixel_values, input_ids, _ = tiny_inputs(with_adapters.config)
     with torch.no_grad():
@@ -214,7 +216,7 @@ def test_from_backbones_loads_local_pretrained_folders(tmp_path):
     text.save_pretrained(tmp_path / "text")
     model = DetrisForReferringSegmentation.from_backbones(str(tmp_path / "vision"), str(tmp_path / "text"), config=config)
     torch.testing.assert_close(
-        model.vision_model.encoder.layer[1].mlp.base_layer.fc1.weight, vision.encoder.layer[1].mlp.fc1.weight
+        model.vision_model.encoder.layer[1].mlp.fc1.weight, vision.encoder.layer[1].mlp.fc1.weight
     )
     torch.testing.assert_close(model.vision_model.embeddings.position_embeddings, vision.embeddings.position_embeddings)
     torch.testing.assert_close(model.text_model.text_projection.weight, text.text_projection.weight)
@@ -228,7 +230,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = DetrisForReferringSegmentation(config).train()  # transformers only checkpoints in training mode
     pixel_values, input_ids, labels = tiny_inputs(config)
-    aligner = model.vision_model.encoder.layer[1].mlp.detris_dense_aligner["default"]
+    aligner = model.vision_model.encoder.layer[1].mlp.dense_aligner
     calls = []
     aligner.register_forward_hook(lambda *args: calls.append(1))
 
@@ -252,13 +254,14 @@ def test_bfloat16_model_runs_with_bfloat16_adapters(tiny_model):
     with torch.no_grad():
         out = model(pixel_values=pixel_values, input_ids=input_ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
-    aligner = model.vision_model.encoder.layer[1].mlp.detris_dense_aligner["default"]
+    aligner = model.vision_model.encoder.layer[1].mlp.dense_aligner
     assert aligner.down_proj.weight.dtype == torch.bfloat16
 
 
 def test_standalone_adapters_match_their_formulas():
     torch.manual_seed(0)
     aligner = DenseAligner(hidden_size=32, width=16, text_dim=32, grid_size=4, num_prefix_tokens=5, attention_dim=16, num_heads=2).eval()
+    init_adapter_weights(aligner)
     x = torch.randn(2, 21, 32)
     words = torch.randn(2, 7, 32)
     x0 = torch.relu(aligner.down_proj(x))
@@ -268,6 +271,7 @@ def test_standalone_adapters_match_their_formulas():
     expected = aligner.up_proj(torch.cat([2 * x0[:, :5], attended + x0[:, 5:]], dim=1))
     torch.testing.assert_close(aligner(x, words), expected)
     text = TextAdapter(hidden_size=32, width=16).eval()
+    init_adapter_weights(text)
     h = torch.randn(2, 7, 32)
     t0 = torch.relu(text.down_proj(h))
     mixed = text.dense_moc(t0[:, 1:].transpose(1, 2)).transpose(1, 2)

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from conftest import tiny_config, tiny_inputs
 from modeling_detris import DetrisAdapterConfig, DetrisForReferringSegmentation
+from modeling_detris.peft_detris import is_adapter_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_trainer_checkpoints_hold_only_the_adapter_and_resume(tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
     assert not any(name.startswith(("model.safetensors", "pytorch_model")) for name in files), files
     saved = load_file(checkpoint / "adapter_model.safetensors")
-    assert all(".detris_" in k or k.startswith(("base_model.model.neck.", "base_model.model.decoder.", "base_model.model.projector.")) for k in saved)
+    assert all(is_adapter_key(k) or k.startswith(("base_model.model.neck.", "base_model.model.decoder.", "base_model.model.projector.")) for k in saved)
 
     resumed = peft_model()
     Trainer(model=resumed, args=arguments(tmp_path / "resumed"), train_dataset=rows).train(resume_from_checkpoint=str(checkpoint))
