@@ -432,3 +432,26 @@ def test_low_precision_images_run_on_an_fp32_model(tiny_model, dtype):
         reference = tiny_model(pixel_values=pixel_values.to(dtype).float(), input_ids=input_ids).logits
         out = tiny_model(pixel_values=pixel_values.to(dtype), input_ids=input_ids).logits
     assert out.dtype == torch.float32 and torch.equal(out, reference)
+
+
+def test_checkpoints_of_the_former_key_layout_load_with_the_legacy_key_mapping(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from modeling_detris.peft_detris import LEGACY_KEY_MAPPING
+
+    tiny_model.save_pretrained(tmp_path)
+    config = tiny_model.config
+    adapted = [f"vision_model.encoder.layer.{i}.mlp." for i in config.vision_adapter_layers]
+    adapted += [f"text_model.text_model.encoder.layers.{i}.mlp." for i in config.text_adapter_layers]
+    former = {}
+    for key, value in load_file(str(tmp_path / "model.safetensors")).items():
+        for old, new in ((".mlp.dense_aligner.", ".mlp.detris_dense_aligner.default."), (".mlp.text_adapter.", ".mlp.detris_text_adapter.default.")):
+            key = key.replace(old, new)
+        prefix = next((p for p in adapted if key.startswith(p + "fc")), None)
+        former[key.replace(prefix, prefix + "base_layer.") if prefix else key] = value
+    assert any(".mlp.base_layer.fc1." in k for k in former)
+    save_file(former, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded, info = DetrisForReferringSegmentation.from_pretrained(tmp_path, key_mapping=LEGACY_KEY_MAPPING, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = tiny_model.state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in loaded.state_dict().items())

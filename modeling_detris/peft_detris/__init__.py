@@ -17,6 +17,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from .config import DetrisAdapterConfig, DetrisPeftType, adapter_presets
 from .layer import DenseAlignerLayer, DetrisLayer, TextAdapterLayer
 from .model import (
+    LEGACY_KEY_MAPPING,
     MERGE_MESSAGE,
     DetrisAdapterModel,
     is_adapter_key,
@@ -46,6 +47,7 @@ def register_detris_peft() -> None:
 
 
 __all__ = [
+    "LEGACY_KEY_MAPPING",
     "DenseAlignerLayer",
     "DetrisAdapterConfig",
     "DetrisAdapterModel",

@@ -34,6 +34,13 @@ from .layer import MERGE_MESSAGE, DenseAlignerLayer, DetrisLayer, TextAdapterLay
 # attribute of an adapter in a standalone model's MLP -> attribute of the PEFT layer's ModuleDict
 STANDALONE_TO_PEFT_ATTRIBUTE = {"dense_aligner": "detris_dense_aligner", "text_adapter": "detris_text_adapter"}
 PEFT_TO_STANDALONE_ATTRIBUTE = {peft: standalone for standalone, peft in STANDALONE_TO_PEFT_ATTRIBUTE.items()}
+# transformers' `key_mapping` for standalone checkpoints saved before the adapters sat beside the MLP's linears (the
+# MLP was a PEFT layer: `...mlp.base_layer.fc1.weight`, `...mlp.detris_dense_aligner.default.*`):
+#     AutoModel.from_pretrained(old_dir, key_mapping=LEGACY_KEY_MAPPING)
+LEGACY_KEY_MAPPING = {
+    r"\.mlp\.base_layer\.": ".mlp.",
+    **{rf"\.mlp\.{peft}\.default\.": f".mlp.{standalone}." for standalone, peft in STANDALONE_TO_PEFT_ATTRIBUTE.items()},
+}
 
 
 class DetrisAdapterModel(BaseTuner):
@@ -332,6 +339,7 @@ def split_standalone_model(model, base_dir=None, modules_to_save=("neck", "decod
 
 
 __all__ = [
+    "LEGACY_KEY_MAPPING",
     "DetrisAdapterModel",
     "MERGE_MESSAGE",
     "is_adapter_key",
