@@ -458,27 +458,34 @@ class DetrisTextEncoderLayer(CLIPEncoderLayer):
         return hidden_states, attn_weights
 
 
-def checkpointing_needs_input_grad(layers: nn.ModuleList, hidden_states: torch.Tensor) -> bool:
-    """Reentrant gradient checkpointing backpropagates through a layer only if one of its tensor inputs requires a
-    gradient. The embeddings of a frozen backbone do not, so their output is made to (a cheap leaf) whenever the
-    layers are checkpointed: adapters then get their gradients with or without `enable_input_require_grads()`."""
-    return (
-        torch.is_grad_enabled()
-        and not hidden_states.requires_grad
-        and any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
-    )
+def run_layers(layers: nn.ModuleList, hidden_states: torch.Tensor, second_input, output_attentions: bool):
+    """Run the blocks of an encoder, each called as `layer(hidden_states, second_input)` (the word features for the
+    vision blocks, the causal mask for the text layers). Returns (last output, every hidden state from the embeddings
+    on, the attention weights of every block or an empty tuple).
+
+    Reentrant gradient checkpointing backpropagates through a block only if one of its tensor inputs requires a
+    gradient. The embeddings of a frozen backbone do not, so when the blocks are checkpointed their output is made to
+    (a cheap leaf): the adapters then get their gradients with or without `enable_input_require_grads()`."""
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
+    if checkpointed and torch.is_grad_enabled() and not hidden_states.requires_grad:
+        hidden_states = hidden_states.requires_grad_()
+    all_hidden_states, attentions = [hidden_states], []
+    for layer in layers:
+        hidden_states, attn_weights = layer(hidden_states, second_input)
+        all_hidden_states.append(hidden_states)
+        if output_attentions:
+            attentions.append(attn_weights)
+    return hidden_states, tuple(all_hidden_states), tuple(attentions)
 
 
 class DetrisVisionEncoder(nn.Module):
     def __init__(self, config: DetrisConfig):
         super().__init__()
-        vision_config = config.vision_config
         adapted = set(config.vision_adapter_layers) if config.adapters_in_model else set()
         self.layer = nn.ModuleList(
-            DetrisVisionLayer(
-                vision_config, DenseAligner.from_settings(config, config) if i in adapted else None, config.adapter_scale
-            )
-            for i in range(vision_config.num_hidden_layers)
+            DetrisVisionLayer(config.vision_config, DenseAligner.from_settings(config, config) if i in adapted else None,
+                              config.adapter_scale)
+            for i in range(config.vision_config.num_hidden_layers)
         )
 
 
@@ -496,27 +503,18 @@ class DetrisVisionTransformer(nn.Module):
         """Returns (final-norm output [B, P, D], all hidden states (embeddings + each block, P tokens), attention
         weights per block or an empty tuple)."""
         hidden_states = self.embeddings(pixel_values)
-        if checkpointing_needs_input_grad(self.encoder.layer, hidden_states):
-            hidden_states = hidden_states.requires_grad_()
-        all_hidden_states, attentions = [hidden_states], []
-        for layer in self.encoder.layer:
-            hidden_states, attn_weights = layer(hidden_states, word_features)
-            all_hidden_states.append(hidden_states)
-            if output_attentions:
-                attentions.append(attn_weights)
-        return self.layernorm(hidden_states), tuple(all_hidden_states), tuple(attentions)
+        hidden_states, all_hidden_states, attentions = run_layers(self.encoder.layer, hidden_states, word_features, output_attentions)
+        return self.layernorm(hidden_states), all_hidden_states, attentions
 
 
 class DetrisTextEncoder(nn.Module):
     def __init__(self, config: DetrisConfig):
         super().__init__()
-        text_config = config.text_config
         adapted = set(config.text_adapter_layers) if config.adapters_in_model else set()
         self.layers = nn.ModuleList(
-            DetrisTextEncoderLayer(
-                text_config, TextAdapter.from_settings(config, config) if i in adapted else None, config.adapter_scale
-            )
-            for i in range(text_config.num_hidden_layers)
+            DetrisTextEncoderLayer(config.text_config, TextAdapter.from_settings(config, config) if i in adapted else None,
+                                   config.adapter_scale)
+            for i in range(config.text_config.num_hidden_layers)
         )
 
 
@@ -536,15 +534,8 @@ class DetrisTextTransformer(nn.Module):
         future = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).triu(1)
         causal_mask = torch.zeros(length, length, dtype=hidden_states.dtype, device=hidden_states.device)
         causal_mask = causal_mask.masked_fill(future, torch.finfo(hidden_states.dtype).min)[None, None]
-        if checkpointing_needs_input_grad(self.encoder.layers, hidden_states):
-            hidden_states = hidden_states.requires_grad_()
-        all_hidden_states, attentions = [hidden_states], []
-        for layer in self.encoder.layers:
-            hidden_states, attn_weights = layer(hidden_states, causal_mask)
-            all_hidden_states.append(hidden_states)
-            if output_attentions:
-                attentions.append(attn_weights)
-        return self.final_layer_norm(hidden_states), tuple(all_hidden_states), tuple(attentions)
+        hidden_states, all_hidden_states, attentions = run_layers(self.encoder.layers, hidden_states, causal_mask, output_attentions)
+        return self.final_layer_norm(hidden_states), all_hidden_states, attentions
 
 
 class DetrisTextModel(nn.Module):

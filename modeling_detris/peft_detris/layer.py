@@ -35,6 +35,7 @@ class DetrisLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
+        setattr(self, self.adapter_layer_names[0], nn.ModuleDict({}))  # the adapters, by adapter name
         self.detris_scale: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -88,10 +89,6 @@ class DenseAlignerLayer(DetrisLayer):
     adapter_layer_names = ("detris_dense_aligner",)
     adapter_class = DenseAligner
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.detris_dense_aligner = nn.ModuleDict({})
-
     def adapter_inputs(self, hidden_states, word_features):
         if word_features is None:
             raise ValueError("a Dense Aligner needs the word features: run the whole DETRIS model, which passes them to every vision block")
@@ -103,10 +100,6 @@ class TextAdapterLayer(DetrisLayer):
 
     adapter_layer_names = ("detris_text_adapter",)
     adapter_class = TextAdapter
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self.detris_text_adapter = nn.ModuleDict({})
 
     def adapter_inputs(self, hidden_states, residual_stream):
         if residual_stream is None:
