@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextModelWithProjection, Dinov2WithRegistersModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPMLP, CLIPTextEmbeddings
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
     Dinov2WithRegistersEmbeddings,
@@ -117,22 +118,35 @@ class DetrisVisionEmbeddings(Dinov2WithRegistersEmbeddings):
 
 
 # ===== attention ======================================================================================================
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention in plain torch ops: `query` [B, H, Lq, d], `key` / `value` [B, H, Lk, d], `attention_mask`
+    additive [B, 1, 1 or Lq, Lk] or None. Returns ([B, Lq, H, d], weights [B, H, Lq, Lk])."""
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class PackedMultiheadAttention(nn.Module):
-    """Multi-head attention with packed q/k/v projections, batch first, fused (SDPA) or eager.
+    """Multi-head attention with packed q/k/v projections, batch first, computed by transformers' attention interface
+    (`config._attn_implementation`: SDPA by default, eager on request, switchable at run time).
 
     The parameter layout (`in_proj_weight`, `in_proj_bias`, `out_proj`) is that of `torch.nn.MultiheadAttention`,
     which the official heads and Dense Aligners use, so official weights load unchanged.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, attn_implementation: str = "sdpa"):
+    def __init__(self, config: DetrisConfig | None, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.config = config
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
         self.dropout = dropout
-        self.attn_implementation = attn_implementation
+        self.is_causal = False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -148,23 +162,16 @@ class PackedMultiheadAttention(nn.Module):
         q = self._split_heads(F.linear(query, w_q, b_q))
         k = self._split_heads(F.linear(key, w_k, b_k))
         v = self._split_heads(F.linear(value, w_v, b_v))
-        dropout = self.dropout if self.training else 0.0
-
-        attn_bias = None
+        attention_mask = None
         if key_padding_mask is not None:
-            attn_bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-            attn_bias = attn_bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
-
-        if self.attn_implementation == "eager":
-            scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-1, -2))
-            if attn_bias is not None:
-                scores = scores + attn_bias
-            weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
-            out = torch.matmul(weights, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout)
-        batch, _, length, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
+            attention_mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            attention_mask = attention_mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, _ = attention_interface(
+            self, q, k, v, attention_mask, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim))
 
 
 # ===== the adapters: Dense Aligner (vision) and text adapter ==========================================================
@@ -207,11 +214,11 @@ class DenseMixtureOfConvolutions(nn.Module):
 class WordCrossAttention(nn.Module):
     """Patch features attend to the word features (no padding mask: pads are attended, as in the official code)."""
 
-    def __init__(self, width, text_dim, attention_dim, num_heads, dropout, attn_implementation="sdpa"):
+    def __init__(self, width, text_dim, attention_dim, num_heads, dropout, config=None):
         super().__init__()
         self.image_proj = nn.Linear(width, attention_dim)
         self.text_proj = nn.Linear(text_dim, attention_dim)
-        self.attn = PackedMultiheadAttention(attention_dim, num_heads, dropout, attn_implementation)
+        self.attn = PackedMultiheadAttention(config, attention_dim, num_heads, dropout)
         self.back_proj = nn.Linear(attention_dim, width)
 
     def forward(self, patches: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -235,7 +242,7 @@ class DenseAligner(nn.Module):
         num_heads: int = 8,
         dropout: float = 0.1,
         batch_norm_eps: float = 1e-3,
-        attn_implementation: str = "sdpa",
+        config: DetrisConfig | None = None,
     ):
         super().__init__()
         self.grid_size = grid_size
@@ -243,7 +250,7 @@ class DenseAligner(nn.Module):
         self.down_proj = nn.Linear(hidden_size, width)
         self.act = nn.ReLU()
         self.dense_moc = DenseMixtureOfConvolutions(width, 2, batch_norm_eps)
-        self.cross_attention = WordCrossAttention(width, text_dim, attention_dim, num_heads, dropout, attn_implementation)
+        self.cross_attention = WordCrossAttention(width, text_dim, attention_dim, num_heads, dropout, config)
         self.up_proj = nn.Linear(width, hidden_size)
         self.up_proj.detris_init_family = "dense_aligner.output"
         mark_init_family(self, "dense_aligner")
@@ -262,7 +269,7 @@ class DenseAligner(nn.Module):
             num_heads=settings.vision_adapter_attention_heads,
             dropout=settings.vision_adapter_attention_dropout,
             batch_norm_eps=settings.adapter_batch_norm_eps,
-            attn_implementation=head_attn_implementation(config),
+            config=config,
         )
 
     def forward(self, hidden_states: torch.Tensor, word_features: torch.Tensor) -> torch.Tensor:
@@ -551,11 +558,6 @@ class DetrisTextModel(nn.Module):
 # ===== head: neck, decoder, projector =================================================================================
 # Shapes for DETRIS-B at 448 px (G = 32 patches per side, C = `fusion_hidden_size` = 512): neck taps 3 x [B, D, G, G] +
 # sentence [B, 512] -> [B, C, G, G]; decoder + words [B, L, 512] -> [B, C, G, G]; projector + sentence -> [B, 1, 4G, 4G].
-def head_attn_implementation(config) -> str:
-    """`"eager"` or `"sdpa"` for the head's and the Dense Aligners' own attention modules."""
-    return "eager" if getattr(config, "_attn_implementation", None) == "eager" else "sdpa"
-
-
 class ConvBatchNormReLU2d(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> ReLU; children `0`/`1`/`2` as in the official checkpoints."""
 
@@ -669,9 +671,8 @@ class DetrisDecoderLayer(nn.Module):
         heads = config.decoder_num_attention_heads
         dropout = config.decoder_dropout
         eps = config.head_layer_norm_eps
-        attn_impl = head_attn_implementation(config)
-        self.self_attn = PackedMultiheadAttention(hidden, heads, dropout, attn_impl)
-        self.multihead_attn = PackedMultiheadAttention(hidden, heads, dropout, attn_impl)
+        self.self_attn = PackedMultiheadAttention(config, hidden, heads, dropout)
+        self.multihead_attn = PackedMultiheadAttention(config, hidden, heads, dropout)
         self.self_attn_norm = nn.LayerNorm(hidden, eps=eps)
         self.cross_attn_norm = nn.LayerNorm(hidden, eps=eps)
         self.norm1 = nn.LayerNorm(hidden, eps=eps)
@@ -1008,16 +1009,6 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
                     if params and not any(p.requires_grad for p in params):
                         module.eval()
         return self
-
-    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
-        result = super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        implementation = head_attn_implementation(self.config)
-        for sub_config in (self.config.vision_config, self.config.text_config):
-            sub_config._attn_implementation = self.config._attn_implementation
-        for module in self.modules():
-            if isinstance(module, PackedMultiheadAttention):
-                module.attn_implementation = implementation
-        return result
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.text_model.embeddings.token_embedding

@@ -136,9 +136,13 @@ def test_eager_and_sdpa_agree(tiny_model):
     pixel_values, input_ids, _ = tiny_inputs(tiny_model.config)
     outputs = {}
     for implementation in ("eager", "sdpa"):
-        tiny_model.set_attn_implementation(implementation)
+        tiny_model.set_attn_implementation(implementation)  # switched at run time, backbones and head alike
+        assert tiny_model.config.vision_config._attn_implementation == implementation == tiny_model.config.text_config._attn_implementation
         with torch.no_grad():
-            outputs[implementation] = tiny_model(pixel_values=pixel_values, input_ids=input_ids).logits
+            out = tiny_model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
+        outputs[implementation] = out.logits
+        computed = [a is not None for a in out.attentions + out.text_attentions]
+        assert all(computed) if implementation == "eager" else not any(computed)  # SDPA computes no weights
     torch.testing.assert_close(outputs["eager"], outputs["sdpa"], atol=1e-5, rtol=1e-5)
 
 
