@@ -988,12 +988,13 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
         return {f"{name}.{key}": value for name, module in self.adapter_modules().items() for key, value in module.state_dict().items()}
 
     def freeze_backbones(self):
-        """Freeze every backbone parameter that is not part of an adapter (the official rule); re-apply the train
-        mode rule of `train`."""
+        """Freeze every backbone parameter that is not part of a built-in adapter (the official rule; adapters loaded
+        through PEFT get their trainability from PEFT); re-apply the train mode rule of `train`."""
         for backbone in (self.vision_model, self.text_model):
             backbone.requires_grad_(False)
-        for adapter in self.adapter_modules().values():
-            adapter.requires_grad_(True)
+        for module in self.modules():
+            if isinstance(module, (DetrisVisionMLP, DetrisTextMLP)) and module.adapter is not None:
+                module.adapter.requires_grad_(True)
         self.logit_scale.requires_grad_(False)
         self.train(self.training)
 
