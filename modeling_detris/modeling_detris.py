@@ -465,16 +465,19 @@ class DetrisTextEncoderLayer(CLIPEncoderLayer):
         return hidden_states, attn_weights
 
 
-def run_layers(layers: nn.ModuleList, hidden_states: torch.Tensor, second_input, output_attentions: bool):
+def run_layers(layers: nn.ModuleList, hidden_states: torch.Tensor, second_input, output_attentions: bool,
+               differentiable_states: bool = False):
     """Run the blocks of an encoder, each called as `layer(hidden_states, second_input)` (the word features for the
     vision blocks, the causal mask for the text layers). Returns (last output, every hidden state from the embeddings
     on, the attention weights of every block or an empty tuple).
 
-    Reentrant gradient checkpointing backpropagates through a block only if one of its tensor inputs requires a
-    gradient. The embeddings of a frozen backbone do not, so when the blocks are checkpointed their output is made to
-    (a cheap leaf): the adapters then get their gradients with or without `enable_input_require_grads()`."""
+    The embeddings of a frozen backbone do not require a gradient, so with grad enabled their output is made to (a
+    cheap leaf) when the blocks are checkpointed (reentrant checkpointing backpropagates through a block only if one
+    of its tensor inputs requires a gradient: the adapters then get theirs with or without
+    `enable_input_require_grads()`), and when `differentiable_states` asks for returned hidden states and attention
+    weights that gradients can be taken against (saliency, `retain_grad`)."""
     checkpointed = any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
-    if checkpointed and torch.is_grad_enabled() and not hidden_states.requires_grad:
+    if (checkpointed or differentiable_states) and torch.is_grad_enabled() and not hidden_states.requires_grad:
         hidden_states = hidden_states.requires_grad_()
     all_hidden_states, attentions = [hidden_states], []
     for layer in layers:
@@ -506,11 +509,13 @@ class DetrisVisionTransformer(nn.Module):
         self.layernorm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.layer_norm_eps)
         mark_init_family(self, "vision")
 
-    def forward(self, pixel_values: torch.Tensor, word_features: torch.Tensor, output_attentions: bool = False):
+    def forward(self, pixel_values, word_features, output_attentions: bool = False, differentiable_states: bool = False):
         """Returns (final-norm output [B, P, D], all hidden states (embeddings + each block, P tokens), attention
         weights per block or an empty tuple)."""
         hidden_states = self.embeddings(pixel_values)
-        hidden_states, all_hidden_states, attentions = run_layers(self.encoder.layer, hidden_states, word_features, output_attentions)
+        hidden_states, all_hidden_states, attentions = run_layers(
+            self.encoder.layer, hidden_states, word_features, output_attentions, differentiable_states
+        )
         return self.layernorm(hidden_states), all_hidden_states, attentions
 
 
@@ -534,14 +539,16 @@ class DetrisTextTransformer(nn.Module):
         self.encoder = DetrisTextEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.text_config.hidden_size, eps=config.text_config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, output_attentions: bool = False):
+    def forward(self, input_ids: torch.Tensor, output_attentions: bool = False, differentiable_states: bool = False):
         """Returns (final-norm word features [B, L, D_t], all hidden states, attention weights per layer or ())."""
         hidden_states = self.embeddings(input_ids=input_ids)
         length = input_ids.shape[1]
         future = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).triu(1)
         causal_mask = torch.zeros(length, length, dtype=hidden_states.dtype, device=hidden_states.device)
         causal_mask = causal_mask.masked_fill(future, torch.finfo(hidden_states.dtype).min)[None, None]
-        hidden_states, all_hidden_states, attentions = run_layers(self.encoder.layers, hidden_states, causal_mask, output_attentions)
+        hidden_states, all_hidden_states, attentions = run_layers(
+            self.encoder.layers, hidden_states, causal_mask, output_attentions, differentiable_states
+        )
         return self.final_layer_norm(hidden_states), all_hidden_states, attentions
 
 
@@ -1076,19 +1083,21 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
                     f"labels must be masks with values in [0, 1], got values in [{float(labels.min())}, {float(labels.max())}]"
                 )
 
-    def encode_text(self, input_ids: torch.Tensor, output_attentions: bool = False):
+    def encode_text(self, input_ids: torch.Tensor, output_attentions: bool = False, differentiable_states: bool = False):
         """Word features [B, L, D_t] (after the final norm, no padding mask), sentence features [B, P] (the EOT
         token, found as the argmax of the ids as in the original code, times the projection), the text hidden states
         and attention weights."""
-        words, hidden_states, attentions = self.text_model.text_model(input_ids, output_attentions)
+        words, hidden_states, attentions = self.text_model.text_model(input_ids, output_attentions, differentiable_states)
         eot = input_ids.argmax(dim=-1)
         pooled = words[torch.arange(words.shape[0], device=words.device), eot]
         return words, self.text_model.text_projection(pooled), hidden_states, attentions
 
-    def encode_image(self, pixel_values: torch.Tensor, word_features: torch.Tensor, output_attentions: bool = False):
+    def encode_image(self, pixel_values, word_features, output_attentions: bool = False, differentiable_states: bool = False):
         """The three neck inputs 3 x [B, D, G, G] (two tap blocks' raw outputs and the final-norm output, patch
         tokens), the vision hidden states and attention weights."""
-        last_hidden_state, hidden_states, attentions = self.vision_model(pixel_values, word_features, output_attentions)
+        last_hidden_state, hidden_states, attentions = self.vision_model(
+            pixel_values, word_features, output_attentions, differentiable_states
+        )
         prefix = self.config.num_prefix_tokens
         grid = self.config.grid_size
         taps = [hidden_states[i + 1] for i in self.config.neck_tap_layers] + [last_hidden_state]
@@ -1144,8 +1153,14 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
 
         # bf16 / fp16 on a CPU without native support: fp32 accumulation inside matmuls and convolutions (no-op otherwise)
         with low_precision_emulation(pixel_values.device, self.dtype):
-            word_features, text_embeds, text_hidden_states, text_attentions = self.encode_text(input_ids, output_attentions)
-            vision_features, hidden_states, attentions = self.encode_image(pixel_values, word_features, output_attentions)
+            # returned states are part of the graph, so gradients can be taken against them
+            differentiable = bool(output_attentions) or output_hidden_states not in (None, False)
+            word_features, text_embeds, text_hidden_states, text_attentions = self.encode_text(
+                input_ids, output_attentions, differentiable
+            )
+            vision_features, hidden_states, attentions = self.encode_image(
+                pixel_values, word_features, output_attentions, differentiable
+            )
             neck_output = self.neck(vision_features, text_embeds)
             decoder_output = self.decoder(neck_output, word_features, word_padding_mask=input_ids == 0)
             logits = self.projector(decoder_output, text_embeds)

@@ -459,3 +459,22 @@ def test_checkpoints_of_the_former_key_layout_load_with_the_legacy_key_mapping(t
     assert not info["missing_keys"] and not info["unexpected_keys"]
     reference = tiny_model.state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in loaded.state_dict().items())
+
+
+def test_returned_states_take_gradients_although_the_backbones_are_frozen():
+    """Attribution tools take gradients against hidden states and attention weights (transformers' `retain_grad`
+    check does the same); the frozen embeddings' outputs are made part of the graph when states are returned."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    config._attn_implementation = "eager"
+    model = DetrisForReferringSegmentation(config).eval()
+    pixel_values, input_ids, _ = tiny_inputs(config)
+    out = model(pixel_values=pixel_values, input_ids=input_ids, output_hidden_states=True, output_attentions=True)
+    states = (out.hidden_states[0], out.attentions[0], out.text_hidden_states[0], out.text_attentions[0])
+    for state in states:
+        state.retain_grad()
+    out.logits.flatten()[0].backward()
+    assert all(state.grad is not None for state in states)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    with torch.no_grad():
+        assert not model(pixel_values=pixel_values, input_ids=input_ids, output_hidden_states=True).hidden_states[0].requires_grad
