@@ -385,6 +385,34 @@ def init_batch_norm(module: nn.Module) -> None:
         init.zeros_(module.num_batches_tracked)
 
 
+class CheckpointedCall:
+    """Handed to a block that gradient checkpointing will run twice (forward, then recomputation in backward). The
+    recomputation must not count the batch twice in the adapters' BatchNorm statistics: `keep_statistics_on_rerun`
+    lets it update scratch copies instead, so a checkpointed step leaves exactly the state of a plain one."""
+
+    def __init__(self):
+        self.ran = False
+
+    @contextlib.contextmanager
+    def keep_statistics_on_rerun(self, block: nn.Module):
+        if not self.ran:
+            self.ran = True
+            yield
+            return
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        norms = [m for m in block.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training and m.track_running_stats]
+        kept = [(norm, [getattr(norm, name) for name in names]) for norm in norms]
+        for norm, tensors in kept:
+            for name, tensor in zip(names, tensors):
+                setattr(norm, name, tensor.clone())  # the recomputation updates (and autograd keeps) these copies
+        try:
+            yield
+        finally:
+            for norm, tensors in kept:
+                for name, tensor in zip(names, tensors):
+                    setattr(norm, name, tensor)
+
+
 # ===== backbone blocks holding the adapters ===========================================================================
 # The blocks are transformers' DINOv2 / CLIP blocks with one change each: the MLP gets the adapter's second input
 # (the word features, or the block's post-attention residual stream) as an argument. Adapters built into the model sit
@@ -420,13 +448,15 @@ class DetrisVisionLayer(Dinov2WithRegistersLayer):
             raise ValueError("DETRIS adapts DINOv2 blocks with a plain MLP; vision_config.use_swiglu_ffn must be False")
         self.mlp = DetrisVisionMLP(config, dense_aligner, adapter_scale)
 
-    def forward(self, hidden_states: torch.Tensor, word_features: torch.Tensor | None = None, **kwargs):
-        residual = hidden_states
-        hidden_states, attn_weights = self.attention(self.norm1(hidden_states), **kwargs)
-        hidden_states = self.drop_path(self.layer_scale1(hidden_states)) + residual
-        residual = hidden_states
-        hidden_states = self.mlp(self.norm2(hidden_states), word_features)
-        hidden_states = self.drop_path(self.layer_scale2(hidden_states)) + residual
+    def forward(self, hidden_states: torch.Tensor, word_features: torch.Tensor | None = None,
+                checkpointed_call: CheckpointedCall | None = None, **kwargs):
+        with checkpointed_call.keep_statistics_on_rerun(self) if checkpointed_call else contextlib.nullcontext():
+            residual = hidden_states
+            hidden_states, attn_weights = self.attention(self.norm1(hidden_states), **kwargs)
+            hidden_states = self.drop_path(self.layer_scale1(hidden_states)) + residual
+            residual = hidden_states
+            hidden_states = self.mlp(self.norm2(hidden_states), word_features)
+            hidden_states = self.drop_path(self.layer_scale2(hidden_states)) + residual
         return hidden_states, attn_weights
 
 
@@ -457,11 +487,13 @@ class DetrisTextEncoderLayer(CLIPEncoderLayer):
         super().__init__(config)
         self.mlp = DetrisTextMLP(config, text_adapter, adapter_scale)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        residual = hidden_states
-        hidden_states, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
-        hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states), hidden_states)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                checkpointed_call: CheckpointedCall | None = None, **kwargs):
+        with checkpointed_call.keep_statistics_on_rerun(self) if checkpointed_call else contextlib.nullcontext():
+            residual = hidden_states
+            hidden_states, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+            hidden_states = residual + hidden_states
+            hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states), hidden_states)
         return hidden_states, attn_weights
 
 
@@ -481,7 +513,8 @@ def run_layers(layers: nn.ModuleList, hidden_states: torch.Tensor, second_input,
         hidden_states = hidden_states.requires_grad_()
     all_hidden_states, attentions = [hidden_states], []
     for layer in layers:
-        hidden_states, attn_weights = layer(hidden_states, second_input)
+        call = CheckpointedCall() if checkpointed else None
+        hidden_states, attn_weights = layer(hidden_states, second_input, checkpointed_call=call)
         all_hidden_states.append(hidden_states)
         if output_attentions:
             attentions.append(attn_weights)

@@ -242,13 +242,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, input_re
     calls = []
     aligner.register_forward_hook(lambda *args: calls.append(1))
 
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
     def grads():
+        model.load_state_dict(start)  # the same BatchNorm statistics before each step
         model.zero_grad()
         calls.clear()
         model(pixel_values=pixel_values, input_ids=input_ids, labels=labels).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
 
     plain, plain_calls = grads()
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
     assert plain.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if input_require_grads:
@@ -258,6 +262,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, input_re
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], msg=name)
+    # the recomputation does not count the batch a second time in the adapters' BatchNorm statistics
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, plain_state[key], msg=key, rtol=0, atol=0)
 
 
 def test_bfloat16_model_runs_with_bfloat16_adapters(tiny_model):

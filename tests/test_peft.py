@@ -479,7 +479,10 @@ def test_gradient_checkpointing_of_a_peft_model_gives_the_same_gradients(inputs,
     model.train()  # transformers checkpoints its layers in training mode only; no dropout in this config
     pixel_values, input_ids, labels = inputs
 
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
     def grads():
+        model.load_state_dict(start)  # the same BatchNorm statistics before each step
         model.zero_grad()
         model(pixel_values=pixel_values, input_ids=input_ids, labels=labels).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -488,6 +491,7 @@ def test_gradient_checkpointing_of_a_peft_model_gives_the_same_gradients(inputs,
     aligner = model.get_base_model().vision_model.encoder.layer[1].mlp
     aligner.register_forward_hook(lambda *args: calls.append(1))
     plain = grads()
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
     assert len(calls) == 1 and plain.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if input_require_grads:
@@ -498,6 +502,8 @@ def test_gradient_checkpointing_of_a_peft_model_gives_the_same_gradients(inputs,
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], msg=name)
+    for key, value in model.state_dict().items():  # BatchNorm statistics counted once, as without checkpointing
+        assert torch.equal(value, plain_state[key]), key
 
 
 def test_bfloat16_base_gets_bfloat16_adapters(inputs):
