@@ -1104,7 +1104,7 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
             raise ValueError(
                 f"pixel_values and input_ids must have the same batch size, got {pixel_values.shape[0]} and {input_ids.shape[0]}"
             )
-        vocab_size = self.config.text_config.vocab_size
+        vocab_size = self.get_input_embeddings().num_embeddings
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(f"input_ids must be in [0, {vocab_size - 1}] (the text vocabulary), got values in [{low}, {high}]")
