@@ -17,6 +17,7 @@ adapter folder per checkpoint (adapters + head), after checking that the frozen 
 import argparse
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -103,8 +104,15 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
 
 
 def load_official_state_dict(path) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix. A file that is not
+    a plain PyTorch checkpoint of tensors (another format, truncated, or pickling code) is refused with a `ValueError`."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint of tensors ({type(error).__name__}); expected an official "
+            "DETRIS .pth file (read with weights_only=True: files that pickle code are refused)"
+        ) from error
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):

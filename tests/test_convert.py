@@ -111,9 +111,17 @@ def test_pickled_code_is_not_executed(tmp_path):
 
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint of tensors"):
         load_official_state_dict(tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_file_that_is_no_checkpoint_ends_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    assert cli(["convert", "--checkpoint", str(tmp_path / "notes.pth"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # a progress line, then the error in one line
+    assert err[-1].startswith("detris convert: error: ") and "notes.pth is not a readable PyTorch checkpoint of tensors" in err[-1]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
