@@ -7,8 +7,9 @@ through the text-gated neck, the decoder (which attends to the words, pads maske
 mask logits at a quarter of the input resolution: [B, 1, 128, 128] for a 448 x 448 input.
 
 The file reads top to bottom: outputs, embeddings, attention, the two adapters, the backbone blocks that hold them,
-the head (neck, decoder, projector), `DetrisPreTrainedModel` (all weight initialisation) and
-`DetrisForReferringSegmentation`. It imports only torch, transformers and the DETRIS configuration.
+the head (neck, decoder, projector), bf16 / fp16 on CPUs without native support, `DetrisPreTrainedModel` (all weight
+initialisation) and `DetrisForReferringSegmentation`. It imports only torch, transformers and the DETRIS
+configuration (docs/architecture.md describes the sections and the key layout).
 """
 
 import contextlib
