@@ -1105,14 +1105,15 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
             raise ValueError(
                 f"pixel_values and input_ids must have the same batch size, got {pixel_values.shape[0]} and {input_ids.shape[0]}"
             )
+        has_values = input_ids.device.type != "meta"  # shapes only on the meta device (FLOP counting, tracing)
         vocab_size = self.get_input_embeddings().num_embeddings
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = (int(input_ids.min()), int(input_ids.max())) if has_values else (0, 0)
         if low < 0 or high >= vocab_size:
             raise ValueError(f"input_ids must be in [0, {vocab_size - 1}] (the text vocabulary), got values in [{low}, {high}]")
         if labels is not None:
             if labels.shape[0] != pixel_values.shape[0]:
                 raise ValueError(f"labels must have batch size {pixel_values.shape[0]}, got shape {list(labels.shape)}")
-            if labels.numel() and not (float(labels.min()) >= 0.0 and float(labels.max()) <= 1.0):
+            if has_values and labels.numel() and not (float(labels.min()) >= 0.0 and float(labels.max()) <= 1.0):
                 raise ValueError(
                     f"labels must be masks with values in [0, 1], got values in [{float(labels.min())}, {float(labels.max())}]"
                 )
