@@ -538,6 +538,7 @@ class DetrisVisionTransformer(nn.Module):
 
     def __init__(self, config: DetrisConfig):
         super().__init__()
+        self.config = config.vision_config
         self.embeddings = DetrisVisionEmbeddings(config.vision_config)
         self.encoder = DetrisVisionEncoder(config)
         self.layernorm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.layer_norm_eps)
@@ -591,6 +592,7 @@ class DetrisTextModel(nn.Module):
 
     def __init__(self, config: DetrisConfig):
         super().__init__()
+        self.config = config.text_config
         self.text_model = DetrisTextTransformer(config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.text_config.projection_dim, bias=False)
         mark_init_family(self, "text")
