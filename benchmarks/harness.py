@@ -56,7 +56,7 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
 
 
 def machine_info(device: torch.device) -> dict:
-    from modeling_detris.low_precision import native_low_precision_cpu
+    from modeling_detris import native_low_precision_cpu
     from modeling_detris.quantization_detris import cpu_isa
 
     cpu_name, flags = _cpu_model_and_flags()

@@ -22,4 +22,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["DetrisConfig", "PRESETS"]
+__all__ = ["ADAPTER_INIT_MODES", "DetrisAdapterSettings", "DetrisConfig", "PRESETS", "PRESET_ALIASES"]

@@ -6,6 +6,8 @@ neck / decoder / projector head that predicts a mask at a quarter of the input r
 """
 
 import copy
+import math
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPTextConfig, Dinov2WithRegistersConfig, PreTrainedConfig
@@ -82,15 +84,13 @@ PRESET_ALIASES = {"detris-b": "base", "detris-l": "large", "detris-l*": "large-m
 ADAPTER_INIT_MODES = ("official", "zeros")
 
 
-@strict(accept_kwargs=True)
-class DetrisConfig(PreTrainedConfig):
+@dataclass
+class DetrisAdapterSettings:
     r"""
-    Configuration of a [`DetrisForReferringSegmentation`] model. The defaults give DETRIS-B; use
-    [`DetrisConfig.from_preset`] for `"base"`, `"large"` and `"large-mixed"` (DETRIS-L*).
+    The fields that describe the DETRIS adapters, declared once: [`DetrisConfig`] (adapters built into the model) and
+    the PEFT method's `DetrisAdapterConfig` (adapters loaded onto a base) both inherit them and their checks.
 
     Args:
-        vision_config (`dict` or `Dinov2WithRegistersConfig`): the frozen DINOv2-with-registers encoder.
-        text_config (`dict` or `CLIPTextConfig`): the frozen CLIP text encoder (with projection).
         vision_adapter_layers (`list[int]`): 0-based vision blocks that get a Dense Aligner on their MLP.
         vision_adapter_dim (`int`): Dense Aligner bottleneck width `a` (multiple of 16).
         vision_adapter_attention_dim (`int`): width of the Dense Aligner's cross-attention to the words (128).
@@ -99,11 +99,64 @@ class DetrisConfig(PreTrainedConfig):
         text_adapter_layers (`list[int]`): 0-based text layers that get a text adapter.
         text_adapter_dim (`int`): text adapter bottleneck width `t` (multiple of 16).
         adapter_scale (`float`): factor on every adapter output (0.2).
-        adapters_in_model (`bool`): build the adapters inside the model at construction. Set `False` to get the bare
-            backbones + head, e.g. as the base model of the PEFT workflow.
         adapter_init (`str`): `"official"` reproduces the official initialisation (adapters active from step 0);
             `"zeros"` zeroes each adapter's output projection so a fresh adapter starts as a no-op.
         adapter_batch_norm_eps (`float`): BatchNorm eps inside the adapters (1e-3).
+    """
+
+    vision_adapter_layers: list[int] | tuple[int, ...] = (1, 3, 5, 7, 9, 11)
+    vision_adapter_dim: int = 128
+    vision_adapter_attention_dim: int = 128
+    vision_adapter_attention_heads: int = 8
+    vision_adapter_attention_dropout: float = 0.1
+    text_adapter_layers: list[int] | tuple[int, ...] = (1, 3, 5, 7, 9, 11)
+    text_adapter_dim: int = 64
+    adapter_scale: float = 0.2
+    adapter_init: str = "official"
+    adapter_batch_norm_eps: float = 1e-3
+
+    @staticmethod
+    def adapter_field_names() -> tuple[str, ...]:
+        """The names of the adapter fields, in declaration order."""
+        return tuple(DetrisAdapterSettings.__dataclass_fields__)
+
+    def adapter_settings(self) -> dict:
+        """The adapter fields of this config as a dict (copies)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.adapter_field_names()}
+
+    def check_adapter_settings(self, vision_depth: int | None = None, text_depth: int | None = None):
+        """Raise a `ValueError` naming the field, the value and what is expected for any bad adapter setting; the
+        layer indices are checked against the encoder depths when those are given."""
+        for name, depth in (("vision_adapter_layers", vision_depth), ("text_adapter_layers", text_depth)):
+            check_layer_indices(name, getattr(self, name), depth)
+        for name in ("vision_adapter_dim", "text_adapter_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16 (its dense branches use a/2, a/4, a/16), got {value!r}")
+        check_heads("vision_adapter_attention_dim", self.vision_adapter_attention_dim, self.vision_adapter_attention_heads)
+        if not 0.0 <= self.vision_adapter_attention_dropout < 1.0:
+            raise ValueError(f"vision_adapter_attention_dropout must be in [0, 1), got {self.vision_adapter_attention_dropout}")
+        if not math.isfinite(self.adapter_scale):
+            raise ValueError(f"adapter_scale must be a finite number, got {self.adapter_scale}")
+        if self.adapter_init not in ADAPTER_INIT_MODES:
+            raise ValueError(f"adapter_init must be one of {ADAPTER_INIT_MODES}, got {self.adapter_init!r}")
+        check_positive("adapter_batch_norm_eps", self.adapter_batch_norm_eps)
+
+
+@strict(accept_kwargs=True)
+class DetrisConfig(DetrisAdapterSettings, PreTrainedConfig):
+    r"""
+    Configuration of a [`DetrisForReferringSegmentation`] model. The defaults give DETRIS-B; use
+    [`DetrisConfig.from_preset`] for `"base"`, `"large"` and `"large-mixed"` (DETRIS-L*).
+
+    Args:
+        vision_config (`dict` or `Dinov2WithRegistersConfig`): the frozen DINOv2-with-registers encoder.
+        text_config (`dict` or `CLIPTextConfig`): the frozen CLIP text encoder (with projection).
+        vision_adapter_layers, vision_adapter_dim, vision_adapter_attention_dim, vision_adapter_attention_heads,
+        vision_adapter_attention_dropout, text_adapter_layers, text_adapter_dim, adapter_scale, adapter_init,
+        adapter_batch_norm_eps: the adapters, see [`DetrisAdapterSettings`].
+        adapters_in_model (`bool`): build the adapters inside the model at construction. Set `False` to get the bare
+            backbones + head, e.g. as the base model of the PEFT workflow (the adapter fields are then not checked).
         neck_tap_layers (`list[int]`): two 0-based vision blocks whose raw outputs (no final norm) feed the neck,
             beside the final normed output.
         fusion_hidden_size (`int`): channel width of the neck, decoder and projector input (512).
@@ -131,17 +184,7 @@ class DetrisConfig(PreTrainedConfig):
     vision_config: dict | Dinov2WithRegistersConfig | None = None
     text_config: dict | CLIPTextConfig | None = None
 
-    vision_adapter_layers: list[int] | tuple[int, ...] = (1, 3, 5, 7, 9, 11)
-    vision_adapter_dim: int = 128
-    vision_adapter_attention_dim: int = 128
-    vision_adapter_attention_heads: int = 8
-    vision_adapter_attention_dropout: float = 0.1
-    text_adapter_layers: list[int] | tuple[int, ...] = (1, 3, 5, 7, 9, 11)
-    text_adapter_dim: int = 64
-    adapter_scale: float = 0.2
     adapters_in_model: bool = True
-    adapter_init: str = "official"
-    adapter_batch_norm_eps: float = 1e-3
 
     neck_tap_layers: list[int] | tuple[int, ...] = (4, 8)
     fusion_hidden_size: int = 512
@@ -201,20 +244,20 @@ class DetrisConfig(PreTrainedConfig):
         return 1 + self.vision_config.num_register_tokens
 
     def check_detris_settings(self):
-        """Raise a `ValueError` naming the value and the allowed range for any inconsistent setting."""
+        """Raise a `ValueError` naming the field, the value and the allowed range for any inconsistent setting."""
         vision_depth = self.vision_config.num_hidden_layers
-        text_depth = self.text_config.num_hidden_layers
         patch = self.vision_config.patch_size
-        _check_layers("vision_adapter_layers", self.vision_adapter_layers, vision_depth)
-        _check_layers("text_adapter_layers", self.text_adapter_layers, text_depth)
-        _check_layers("neck_tap_layers", self.neck_tap_layers, vision_depth)
+        if self.adapters_in_model:
+            self.check_adapter_settings(vision_depth, self.text_config.num_hidden_layers)
+        check_layer_indices("neck_tap_layers", self.neck_tap_layers, vision_depth)
         if len(self.neck_tap_layers) != 2:
             raise ValueError(f"neck_tap_layers must name exactly 2 vision blocks, got {self.neck_tap_layers}")
-        for name in ("vision_adapter_dim", "text_adapter_dim"):
+        for name in ("fusion_hidden_size", "neck_num_attention_heads", "decoder_num_layers", "decoder_num_attention_heads",
+                     "decoder_ffn_dim", "projector_hidden_size", "projector_kernel_size", "input_size"):
             value = getattr(self, name)
-            if value < 16 or value % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16 (its dense branches use a/2, a/4, a/16), got {value}")
-        if self.input_size <= 0 or self.input_size % patch:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.input_size % patch:
             raise ValueError(f"input_size must be a positive multiple of the patch size {patch}, got {self.input_size}")
         max_len = self.text_config.max_position_embeddings
         if not 2 <= self.word_len <= max_len:
@@ -223,37 +266,42 @@ class DetrisConfig(PreTrainedConfig):
             raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if not self.dice_loss_weight >= 0.0:
             raise ValueError(f"dice_loss_weight must be >= 0, got {self.dice_loss_weight}")
-        if self.adapter_init not in ADAPTER_INIT_MODES:
-            raise ValueError(f"adapter_init must be one of {ADAPTER_INIT_MODES}, got {self.adapter_init!r}")
-        _check_heads("vision_adapter_attention_dim", self.vision_adapter_attention_dim, self.vision_adapter_attention_heads)
-        _check_heads("fusion_hidden_size", self.fusion_hidden_size, self.neck_num_attention_heads)
-        _check_heads("fusion_hidden_size", self.fusion_hidden_size, self.decoder_num_attention_heads)
+        check_heads("fusion_hidden_size", self.fusion_hidden_size, self.neck_num_attention_heads)
+        check_heads("fusion_hidden_size", self.fusion_hidden_size, self.decoder_num_attention_heads)
         if self.fusion_hidden_size % 4:
             raise ValueError(f"fusion_hidden_size must be a multiple of 4 (2-D sine position codes), got {self.fusion_hidden_size}")
-        if self.decoder_num_layers < 1:
-            raise ValueError(f"decoder_num_layers must be >= 1, got {self.decoder_num_layers}")
-        if self.projector_kernel_size < 1 or self.projector_kernel_size % 2 == 0:
+        if self.projector_kernel_size % 2 == 0:
             raise ValueError(f"projector_kernel_size must be a positive odd number, got {self.projector_kernel_size}")
-        for name in ("vision_adapter_attention_dropout", "decoder_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.decoder_dropout < 1.0:
+            raise ValueError(f"decoder_dropout must be in [0, 1), got {self.decoder_dropout}")
+        for name in ("head_batch_norm_eps", "head_layer_norm_eps", "initializer_range"):
+            check_positive(name, getattr(self, name))
 
     def validate_architecture(self):
         super().validate_architecture()
         self.check_detris_settings()
 
 
-def _check_layers(name, layers, depth):
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"{name} has layer indices {bad} outside the encoder's [0, {depth - 1}] ({depth} layers)")
+def check_layer_indices(name: str, layers, depth: int | None):
+    """`layers` must be distinct integer block indices, inside `[0, depth)` when `depth` is given."""
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise ValueError(f"{name} must be a list of integer block indices, got {list(layers)!r}")
+    if depth is not None:
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"{name} has layer indices {bad} outside the encoder's [0, {depth - 1}] ({depth} layers)")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"{name} lists a layer twice: {layers}")
+        raise ValueError(f"{name} lists a block twice: {list(layers)}")
 
 
-def _check_heads(name, width, heads):
-    if heads < 1 or width % heads:
-        raise ValueError(f"{name} ({width}) must be divisible by the number of attention heads ({heads})")
+def check_heads(name: str, width: int, heads: int):
+    if heads < 1 or width < 1 or width % heads:
+        raise ValueError(f"{name} ({width}) must be a positive multiple of the number of attention heads ({heads}): divisible by it")
 
 
-__all__ = ["DetrisConfig", "PRESETS"]
+def check_positive(name: str, value: float):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+__all__ = ["ADAPTER_INIT_MODES", "DetrisAdapterSettings", "DetrisConfig", "PRESETS", "PRESET_ALIASES"]

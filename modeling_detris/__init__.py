@@ -6,25 +6,39 @@ from transformers import AutoConfig, AutoModel
 from configuration_detris import DetrisConfig
 
 from .modeling_detris import (
+    DenseAligner,
     DetrisForReferringSegmentation,
     DetrisPreTrainedModel,
     DetrisSegmentationOutput,
+    TextAdapter,
+    native_low_precision_cpu,
 )
-from .peft_detris import DetrisAdapterConfig, DetrisAdapterModel, DetrisPeftType, to_standalone_model
-from .tuner_layers import DenseAlignerLayer, TextAdapterLayer
+from .peft_detris import (
+    DenseAlignerLayer,
+    DetrisAdapterConfig,
+    DetrisAdapterModel,
+    DetrisPeftType,
+    TextAdapterLayer,
+    register_detris_peft,
+    to_standalone_model,
+)
 
 AutoConfig.register(DetrisConfig.model_type, DetrisConfig, exist_ok=True)
 AutoModel.register(DetrisConfig, DetrisForReferringSegmentation, exist_ok=True)
+register_detris_peft()
 
 __all__ = [
-    "DetrisConfig",
-    "DetrisForReferringSegmentation",
-    "DetrisPreTrainedModel",
-    "DetrisSegmentationOutput",
+    "DenseAligner",
     "DenseAlignerLayer",
-    "TextAdapterLayer",
     "DetrisAdapterConfig",
     "DetrisAdapterModel",
+    "DetrisConfig",
+    "DetrisForReferringSegmentation",
     "DetrisPeftType",
+    "DetrisPreTrainedModel",
+    "DetrisSegmentationOutput",
+    "TextAdapter",
+    "TextAdapterLayer",
+    "native_low_precision_cpu",
     "to_standalone_model",
 ]

@@ -1,7 +1,7 @@
 """Convert an official DETRIS checkpoint (`.pth`) into a transformers folder (config + safetensors).
 
 The official release stores `{"state_dict": {"module." + name: tensor}, ...}` (saved from DDP); raw state dicts and
-names without `module.` are accepted too. Every official tensor is mapped (ARCHITECTURE.md §5.4); the conversion
+names without `module.` are accepted too. Every official tensor is mapped (docs/architecture.md lists the key layout); the conversion
 refuses, listing the names, if an official tensor is left unused or a model tensor is left unfilled, or if a shape
 does not match the chosen variant.
 
@@ -17,6 +17,7 @@ adapter folder per checkpoint (adapters + head), after checking that the frozen 
 import argparse
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -67,8 +68,15 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
 
 
 def load_official_state_dict(path) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix. A file that is not
+    a plain PyTorch checkpoint of tensors (another format, truncated, or pickling code) is refused with a `ValueError`."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint of tensors ({type(error).__name__}); expected an official "
+            "DETRIS .pth file (read with weights_only=True: files that pickle code are refused)"
+        ) from error
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -92,8 +100,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
     if m:
         index, rest = int(m.group(1)), m.group(2)
         prefix = f"{text}encoder.layers.{index}."
-        adapted = index in config.text_adapter_layers
-        mlp = f"{prefix}mlp.base_layer." if adapted else f"{prefix}mlp."
+        mlp = f"{prefix}mlp."
         if rest.startswith("attn.in_proj_"):
             leaf = rest.rsplit("_", 1)[-1]
             return _split_qkv(f"{prefix}self_attn.", leaf, config.text_config.hidden_size)
@@ -102,7 +109,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
             if rest.startswith(old):
                 return [(new + rest[len(old):], None, False)]
         if rest.startswith("adapter."):
-            return [(f"{prefix}mlp.detris_text_adapter.default.{_adapter_name(rest[len('adapter.'):])}", None, False)]
+            return [(f"{prefix}mlp.text_adapter.{_adapter_name(rest[len('adapter.'):])}", None, False)]
     simple_text = {
         "txt_backbone.token_embedding.weight": (f"{text}embeddings.token_embedding.weight", False),
         "txt_backbone.positional_embedding": (f"{text}embeddings.position_embedding.weight", False),
@@ -119,7 +126,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
     if m:
         index, rest = int(m.group(1)), m.group(2)
         prefix = f"vision_model.encoder.layer.{index}."
-        mlp = f"{prefix}mlp.base_layer." if index in config.vision_adapter_layers else f"{prefix}mlp."
+        mlp = f"{prefix}mlp."
         if rest.startswith("attn.qkv."):
             return _split_qkv(f"{prefix}attention.", rest.rsplit(".", 1)[-1], config.vision_config.hidden_size)
         for old, new in (("attn.proj.", f"{prefix}attention.o_proj."), ("norm1.", f"{prefix}norm1."),
@@ -128,7 +135,7 @@ def map_official_key(name: str, config: DetrisConfig) -> list[tuple[str, slice |
             if rest.startswith(old):
                 return [(new + rest[len(old):], None, False)]
         if rest.startswith("adapter."):
-            return [(f"{prefix}mlp.detris_dense_aligner.default.{_adapter_name(rest[len('adapter.'):])}", None, False)]
+            return [(f"{prefix}mlp.dense_aligner.{_adapter_name(rest[len('adapter.'):])}", None, False)]
     simple_vision = {
         "dinov2.cls_token": "vision_model.embeddings.cls_token",
         "dinov2.register_tokens": "vision_model.embeddings.register_tokens",
@@ -324,6 +331,25 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def check_output(output, checkpoints, overwrite: bool = False) -> None:
+    """Refuse, before any work, an `--output` that would destroy data: one that is, or contains, an input checkpoint
+    (always), a file, or a non-empty folder unless `overwrite` is set. The staging folder `<output>.partial` is
+    checked the same way (it is replaced at the start)."""
+    output = Path(output).resolve()
+    for target in (output, output.with_name(output.name + ".partial")):
+        for checkpoint in checkpoints:
+            checkpoint = Path(checkpoint).resolve()
+            if checkpoint == target or target in checkpoint.parents:
+                raise ValueError(
+                    f"--output {str(target)!r} is or contains the input checkpoint {str(checkpoint)!r}; choose a folder "
+                    "outside the checkpoints (the output folder is replaced as a whole)"
+                )
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file; expected a folder (new, empty, or with --overwrite)")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"--output {str(output)!r} is not empty; pass --overwrite to replace it, or choose a new folder")
+
+
 def _staging(output: Path) -> Path:
     staging = output.with_name(output.name + ".partial")
     if staging.exists():
@@ -333,21 +359,23 @@ def _staging(output: Path) -> Path:
 
 def _publish(staging: Path, output: Path) -> None:
     if output.exists():
-        shutil.rmtree(output)
+        shutil.rmtree(output)  # only reached after check_output: empty, or --overwrite
     os.replace(staging, output)
 
 
 def convert_release(checkpoints, output, variant: str = "base", config=None, word_lens=None, datasets=None,
-                    save_extras=None, log=print) -> dict:
+                    save_extras=None, log=print, overwrite: bool = False) -> dict:
     """Split official checkpoints that share their frozen backbones into `output/base` (backbones + the first
     checkpoint's head, `adapters_in_model=False`, with `backbone_provenance.json`) and one PEFT adapter folder per
     checkpoint, `output/<dataset>` (adapters + head, its processor with its own `word_len`, `conversion.json`).
     Refuses, naming the tensors, when a checkpoint's frozen tensors are not bit-identical to the first one's.
-    Written atomically. Returns {"base": path, "adapters": {folder: path}}."""
+    Written atomically; an existing non-empty `output` is replaced only with `overwrite`. Returns
+    {"base": path, "adapters": {folder: path}}."""
     from .peft_detris import split_standalone_model
     from .provenance import PROVENANCE_FILE, make_provenance
 
     output = Path(output)
+    check_output(output, checkpoints, overwrite)
     default_word_len = load_config(config, variant).word_len if config is not None else None
     plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len)
     final_base = (output / "base").resolve()
@@ -405,10 +433,11 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
 
 
 def convert_whole(checkpoint, output, variant: str = "base", config=None, word_len=None, dataset=None,
-                  save_extras=None, log=print) -> Path:
+                  save_extras=None, log=print, overwrite: bool = False) -> Path:
     """Convert one checkpoint into one whole model folder (config, weights, `conversion.json`; the processor through
-    `save_extras`), written atomically."""
+    `save_extras`), written atomically; an existing non-empty `output` is replaced only with `overwrite`."""
     output = Path(output)
+    check_output(output, [checkpoint], overwrite)
     default_word_len = load_config(config, variant).word_len if config is not None else None
     (plan,) = plan_checkpoints([checkpoint], [word_len] if word_len is not None else None,
                                [dataset] if dataset is not None else None, default_word_len)
@@ -435,7 +464,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("--variant", default="base", choices=["base", "large", "large-mixed"])
     parser.add_argument("--config", default=None,
                         help="a DETRIS config.json (or model folder) for a non-preset architecture; replaces --variant")
-    parser.add_argument("--output", required=True, help="output folder (written atomically)")
+    parser.add_argument("--output", required=True, help="output folder (written atomically; must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     parser.add_argument("--word-len", type=int, action="append", default=None,
                         help="text length (17, or 22 for G-Ref umd); once per --checkpoint")
     parser.add_argument("--dataset", action="append", default=None,
@@ -446,12 +476,24 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 
 def main(argv=None, save_extras=None) -> int:
-    """`detris convert`. `save_extras(output_dir, config)` may write more files (the CLI passes the processor)."""
+    """`detris convert`. `save_extras(output_dir, config)` may write more files (the CLI passes the processor). A
+    user mistake (a bad argument, a checkpoint that does not fit, an unsafe `--output`) ends in one line on stderr
+    and exit code 2; nothing is written."""
     args = build_arg_parser().parse_args(argv)
+    try:
+        return run(args, save_extras)
+    except ValueError as error:
+        message = " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"detris convert: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, save_extras=None) -> int:
+    """Run parsed `detris convert` arguments (raises `ValueError` on a user mistake)."""
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     if args.split_adapters:
         convert_release(args.checkpoint, args.output, args.variant, args.config, args.word_len, args.dataset,
-                        save_extras=save_extras, log=log)
+                        save_extras=save_extras, log=log, overwrite=args.overwrite)
         return 0
     if len(args.checkpoint) > 1:
         raise ValueError(
@@ -461,7 +503,7 @@ def main(argv=None, save_extras=None) -> int:
     word_lens = _per_checkpoint("--word-len", args.word_len, args.checkpoint)
     datasets = _per_checkpoint("--dataset", args.dataset, args.checkpoint)
     convert_whole(args.checkpoint[0], args.output, args.variant, args.config, word_lens[0], datasets[0],
-                  save_extras=save_extras, log=log)
+                  save_extras=save_extras, log=log, overwrite=args.overwrite)
     return 0
 
 

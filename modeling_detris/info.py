@@ -15,7 +15,7 @@ from torch import nn
 from configuration_detris import DetrisConfig
 from configuration_detris.configuration_detris import PRESET_ALIASES, PRESETS
 
-from .tuner_layers import DenseAlignerLayer, TextAdapterLayer
+from .modeling_detris import DenseAligner, TextAdapter
 
 
 @dataclass
@@ -46,20 +46,15 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _adapter_params(module: nn.Module, layer_cls) -> list[nn.Parameter]:
-    params = []
-    for sub in module.modules():
-        if isinstance(sub, layer_cls):
-            for name in sub.adapter_layer_names:
-                params.extend(getattr(sub, name).parameters())
-    return params
+def _adapter_params(module: nn.Module, adapter_cls) -> list[nn.Parameter]:
+    return [p for sub in module.modules() if isinstance(sub, adapter_cls) for p in sub.parameters()]
 
 
 def count_parameters(model) -> ParameterCounts:
     """Counts by role. The frozen backbone is everything in the two encoders that is not an adapter, plus CLIP's
     unused `logit_scale` (the official convention, which counts the whole CLIP text tower)."""
-    dense = _numel(_adapter_params(model.vision_model, DenseAlignerLayer))
-    text = _numel(_adapter_params(model.text_model, TextAdapterLayer))
+    dense = _numel(_adapter_params(model.vision_model, DenseAligner))
+    text = _numel(_adapter_params(model.text_model, TextAdapter))
     vision_all = _numel(model.vision_model.parameters())
     text_all = _numel(model.text_model.parameters()) + model.logit_scale.numel()
     neck, decoder, projector = (_numel(m.parameters()) for m in (model.neck, model.decoder, model.projector))
@@ -92,8 +87,9 @@ def release_sizes(model, dtype: torch.dtype = torch.float32) -> dict[str, dict[s
     statistics and counters), `bytes`."""
     itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
     sizes = {name: {"parameters": 0, "statistics": 0, "bytes": 0} for name in ("standalone", "base", "adapter", "adapters_only")}
+    adapter_keys = set(model.adapter_state_dict())
     for key, tensor in model.state_dict().items():
-        is_adapter, is_head = ".detris_" in key, key.startswith(HEAD_PREFIXES)
+        is_adapter, is_head = key in adapter_keys, key.startswith(HEAD_PREFIXES)
         kind = "statistics" if key.endswith(STATISTICS) else "parameters"
         nbytes = tensor.numel() * (itemsize if tensor.is_floating_point() else tensor.element_size())
         for folder, included in (("standalone", True), ("base", not is_adapter), ("adapter", is_adapter or is_head),

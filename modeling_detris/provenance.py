@@ -9,7 +9,7 @@ the weights *equal* that public checkpoint cannot be known offline, so the file 
     detris provenance --base DIR --vision path/to/dinov2 --text path/to/clip
 
 compares them tensor by tensor and records the result. The official CLIP text weights are OpenAI's fp16 release cast
-to fp32 (ARCHITECTURE.md §5.5 #8), so the text comparison also reports how many tensors match after rounding the
+to fp32, so the text comparison also reports how many tensors match after rounding the
 public weights to fp16.
 """
 
@@ -41,15 +41,13 @@ def public_text_id(config) -> str | None:
 
 def backbone_tensors(model) -> dict[str, dict[str, torch.Tensor]]:
     """The frozen backbone tensors of a DETRIS model in the public checkpoints' names: `vision` as in
-    `Dinov2WithRegistersModel`, `text` as in `CLIPTextModelWithProjection` (adapters left out, wrapped MLPs unwrapped)."""
+    `Dinov2WithRegistersModel`, `text` as in `CLIPTextModelWithProjection` (the model's own key names, adapters left
+    out)."""
+    adapter_keys = set(model.adapter_state_dict())
     out = {}
-    for role, module in (("vision", model.vision_model), ("text", model.text_model)):
-        tensors = {}
-        for name, tensor in module.state_dict().items():
-            if ".detris_" in name:
-                continue
-            tensors[name.replace(".mlp.base_layer.", ".mlp.")] = tensor
-        out[role] = tensors
+    for role, attribute in (("vision", "vision_model"), ("text", "text_model")):
+        module = getattr(model, attribute)
+        out[role] = {name: tensor for name, tensor in module.state_dict().items() if f"{attribute}.{name}" not in adapter_keys}
     return out
 
 

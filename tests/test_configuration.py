@@ -55,6 +55,13 @@ def test_round_trip_through_auto_config(tmp_path):
         (dict(adapter_init="random"), "adapter_init must be one of"),
         (dict(fusion_hidden_size=510), "divisible"),
         (dict(vision_adapter_layers=[1, 1]), "twice"),
+        (dict(fusion_hidden_size=0), "fusion_hidden_size must be a positive integer, got 0"),
+        (dict(decoder_ffn_dim=-8), "decoder_ffn_dim must be a positive integer, got -8"),
+        (dict(projector_hidden_size=-1), "projector_hidden_size must be a positive integer"),
+        (dict(adapter_scale=float("nan")), "adapter_scale must be a finite number, got nan"),
+        (dict(adapter_batch_norm_eps=-1e-3), "adapter_batch_norm_eps must be a positive finite number, got -0.001"),
+        (dict(head_batch_norm_eps=-1e-5), "head_batch_norm_eps must be a positive finite number"),
+        (dict(head_layer_norm_eps=0.0), "head_layer_norm_eps must be a positive finite number"),
     ],
 )
 def test_invalid_settings_fail_at_construction(overrides, message):
@@ -65,3 +72,17 @@ def test_invalid_settings_fail_at_construction(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown DETRIS preset 'huge'"):
         DetrisConfig.from_preset("huge")
+
+
+def test_adapter_fields_are_declared_once_and_only_checked_when_built_in():
+    from configuration_detris import DetrisAdapterSettings
+    from modeling_detris import DetrisAdapterConfig
+
+    names = DetrisAdapterSettings.adapter_field_names()
+    assert "adapter_scale" in names and "adapter_init" in names
+    assert issubclass(DetrisConfig, DetrisAdapterSettings) and issubclass(DetrisAdapterConfig, DetrisAdapterSettings)
+    assert DetrisAdapterConfig.from_model_config(DetrisConfig.from_preset("large")).adapter_settings() == (
+        DetrisConfig.from_preset("large").adapter_settings()
+    )
+    # a bare base (no adapters built in) does not validate adapter settings it does not use
+    assert DetrisConfig(adapters_in_model=False, vision_adapter_layers=[40]).vision_adapter_layers == [40]

@@ -58,11 +58,38 @@ def test_unused_and_missing_keys_are_listed():
     assert "neck.extra.weight" in str(error.value) and "projector.txt.bias" in str(error.value)
 
 
-def test_wrong_variant_is_refused_and_nothing_is_written(official_base_checkpoint, tmp_path):
+def test_wrong_variant_is_refused_and_nothing_is_written(official_base_checkpoint, tmp_path, capsys):
     output = tmp_path / "out"
-    with pytest.raises(ValueError, match="shape mismatch"):
-        cli(["convert", "--checkpoint", str(official_base_checkpoint), "--variant", "large", "--output", str(output)])
+    assert cli(["convert", "--checkpoint", str(official_base_checkpoint), "--variant", "large", "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("detris convert: error: ") and "shape mismatch" in err[-1]
     assert not output.exists()
+
+
+def test_output_that_holds_data_or_the_checkpoint_is_refused(official_base_checkpoint, tmp_path, capsys):
+    """Never replace user data: a non-empty --output needs --overwrite, and an --output that is or contains the input
+    checkpoint is refused even with it. One line on stderr, exit code 2, nothing touched."""
+    import shutil
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    checkpoint = inside / "base_refcoco.pth"
+    shutil.copy(official_base_checkpoint, checkpoint)
+    cases = [
+        (["--output", str(occupied)], "is not empty; pass --overwrite"),
+        (["--output", str(inside), "--overwrite"], "is or contains the input checkpoint"),
+        (["--output", str(checkpoint), "--overwrite"], "is or contains the input checkpoint"),
+        (["--output", str(inside), "--split-adapters", "--overwrite"], "is or contains the input checkpoint"),
+    ]
+    for extra, message in cases:
+        assert cli(["convert", "--checkpoint", str(checkpoint), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("detris convert: error: ") and message in err[0], err
+    assert (occupied / "notes.txt").read_text() == "mine" and checkpoint.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inside", "occupied"]
 
 
 def test_checkpoint_forms(tmp_path):
@@ -84,9 +111,17 @@ def test_pickled_code_is_not_executed(tmp_path):
 
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint of tensors"):
         load_official_state_dict(tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_file_that_is_no_checkpoint_ends_in_one_line(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    assert cli(["convert", "--checkpoint", str(tmp_path / "notes.pth"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # a progress line, then the error in one line
+    assert err[-1].startswith("detris convert: error: ") and "notes.pth is not a readable PyTorch checkpoint of tensors" in err[-1]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

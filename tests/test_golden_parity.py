@@ -23,19 +23,17 @@ def _capture(model):
 
     def keep(name):
         def hook(module, args, output):
-            captured[name] = output
+            captured[name] = output[0] if isinstance(output, tuple) else output  # a vision block also returns its attention weights
 
         return hook
 
     layers = model.vision_model.encoder.layer
     handles = [
-        layers[1].mlp.detris_dense_aligner["default"].register_forward_hook(keep("dense_aligner_block1_output")),
-        layers[11].mlp.detris_dense_aligner["default"].register_forward_hook(keep("dense_aligner_block11_output")),
+        layers[1].mlp.dense_aligner.register_forward_hook(keep("dense_aligner_block1_output")),
+        layers[11].mlp.dense_aligner.register_forward_hook(keep("dense_aligner_block11_output")),
         layers[1].register_forward_hook(keep("vision_block1_output")),
         layers[11].register_forward_hook(keep("vision_block11_output")),
-        model.text_model.text_model.encoder.layers[1].mlp.detris_text_adapter["default"].register_forward_hook(
-            keep("text_adapter_layer1_output")
-        ),
+        model.text_model.text_model.encoder.layers[1].mlp.text_adapter.register_forward_hook(keep("text_adapter_layer1_output")),
     ]
     return captured, handles
 

@@ -15,6 +15,7 @@ from training import checkpointing
 from training.cli import main as cli
 from training.train import build_model, load_datasets, train
 from training_helpers import TINY_RECIPE, tiny_recipe
+from modeling_detris.peft_detris import is_adapter_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +64,7 @@ def test_init_from_starts_exactly_from_the_converted_weights(converted, tmp_path
         assert torch.equal(_logits(model, 17), expected), source
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == {n for n, p in reference.named_parameters() if p.requires_grad}
-        assert all(".detris_" in n or n.startswith(("neck.", "decoder.", "projector.")) for n in trainable)
+        assert all(is_adapter_key(n) or n.startswith(("neck.", "decoder.", "projector.")) for n in trainable)
 
 
 def test_init_from_errors_name_the_value(converted, tmp_path):
@@ -125,7 +126,7 @@ def test_fine_tuning_an_official_adapter_resumes_exactly(converted, tiny_data, t
     start = AutoModel.from_pretrained(str(converted / "whole")).state_dict()
     final = AutoModel.from_pretrained(str(tmp_path / "b" / "final")).state_dict()
     assert final.keys() == start.keys()
-    moved = [k for k in final if ".detris_" in k and k.endswith("weight") and not torch.equal(final[k], start[k])]
+    moved = [k for k in final if is_adapter_key(k) and k.endswith("weight") and not torch.equal(final[k], start[k])]
     assert moved and any(k.startswith("projector.") and not torch.equal(final[k], start[k]) for k in final)
-    frozen = [k for k in final if k.startswith(("vision_model.", "text_model.")) and ".detris_" not in k]
+    frozen = [k for k in final if k.startswith(("vision_model.", "text_model.")) and not is_adapter_key(k)]
     assert frozen and all(torch.equal(final[k], start[k]) for k in frozen)

@@ -1,6 +1,6 @@
 """bf16 / fp16 DETRIS on the CPU: a model loaded in bf16 runs end to end in bf16 (processor -> model -> post-processing),
 and on CPUs without native bf16 its matmuls and convolutions accumulate in fp32 the way native hardware does
-(modeling_detris.low_precision) instead of running torch's scalar reference kernels."""
+(the low-precision section of modeling_detris.modeling_detris) instead of running torch's scalar reference kernels."""
 
 import pytest
 import torch
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from benchmarks.bench_model import preset_config
 from benchmarks.harness import make_inputs
 from modeling_detris import DetrisForReferringSegmentation
-from modeling_detris.low_precision import (
-    _WidenLowPrecisionOps,
+from modeling_detris.modeling_detris import (
+    WidenLowPrecisionOps,
     low_precision_emulation,
     native_low_precision_cpu,
     needs_low_precision_emulation,
@@ -31,7 +31,7 @@ def test_widened_ops_compute_like_native_low_precision():
     weight = torch.randn(32, 64, generator=generator).bfloat16()
     image = torch.randn(2, 8, 9, 9, generator=generator).bfloat16()
     kernel = torch.randn(4, 8, 3, 3, generator=generator).bfloat16()
-    with _WidenLowPrecisionOps():
+    with WidenLowPrecisionOps():
         linear = F.linear(x, weight)
         product = x @ weight.T
         conv = F.conv2d(image, kernel, padding=1)
@@ -41,7 +41,7 @@ def test_widened_ops_compute_like_native_low_precision():
     assert torch.equal(linear, F.linear(x.float(), weight.float()).bfloat16())
     assert torch.equal(product, (x.float() @ weight.float().T).bfloat16())
     assert torch.equal(conv, F.conv2d(image.float(), kernel.float(), padding=1).bfloat16())
-    with torch.autocast("cpu", dtype=torch.bfloat16), _WidenLowPrecisionOps():
+    with torch.autocast("cpu", dtype=torch.bfloat16), WidenLowPrecisionOps():
         autocast = F.linear(x.float(), weight.float())  # autocast semantics: inputs rounded to bf16, output bf16
     assert autocast.dtype == torch.bfloat16 and torch.equal(autocast, linear)
 
@@ -54,7 +54,7 @@ def test_emulation_only_where_needed():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert needs_low_precision_emulation(cpu, torch.float32) == (not native_low_precision_cpu(torch.bfloat16))
     context = low_precision_emulation(cpu, torch.float32)
-    assert not isinstance(context, _WidenLowPrecisionOps)
+    assert not isinstance(context, WidenLowPrecisionOps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -25,7 +25,7 @@ from modeling_detris import (
     TextAdapterLayer,
     to_standalone_model,
 )
-from modeling_detris.peft_detris import DetrisTunerLayer
+from modeling_detris.peft_detris import DetrisLayer, is_adapter_key, standalone_key
 
 HEAD = ("neck", "decoder", "projector")
 
@@ -64,7 +64,7 @@ def adapter_config(config, **overrides):
 
 
 def detris_layers(model):
-    return [m for m in model.modules() if isinstance(m, DetrisTunerLayer)]
+    return [m for m in model.modules() if isinstance(m, DetrisLayer)]
 
 
 def pre_hook_count(model):
@@ -152,15 +152,16 @@ def test_b_preset_adapter_parameter_count_on_meta_device():
     with torch.device("meta"):
         base = DetrisForReferringSegmentation(DetrisConfig.from_preset("base", adapters_in_model=False))
         model = get_peft_model(base, DetrisAdapterConfig.from_preset("base", modules_to_save=None))
-    adapters = sum(p.numel() for n, p in model.named_parameters() if ".detris_" in n)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if is_adapter_key(n))
     trainable, _ = model.get_nb_trainable_parameters()
     assert adapters == trainable == 2_715_696
     dense = sum(p.numel() for n, p in model.named_parameters() if ".detris_dense_aligner." in n)
     assert dense + sum(p.numel() for n, p in model.named_parameters() if ".detris_text_adapter." in n) == adapters
+    assert adapters == sum(p.numel() for m in model.get_base_model().adapter_modules().values() for p in m.parameters())
     # The same adapters built in at construction (the standalone layout) count the same.
     with torch.device("meta"):
         builtin = DetrisForReferringSegmentation(DetrisConfig.from_preset("base"))
-    assert sum(p.numel() for n, p in builtin.named_parameters() if ".detris_" in n) == 2_715_696
+    assert sum(p.numel() for n, p in builtin.named_parameters() if is_adapter_key(n)) == 2_715_696
 
 
 # ----- get_peft_model ---------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_get_peft_model_trains_adapters_and_head_only(inputs, capsys):
     model = get_peft_model(base, adapter_config(base.config))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for name in trainable:
-        assert ".detris_" in name or any(f"{h}.modules_to_save.default." in name for h in HEAD), name
+        assert is_adapter_key(name) or any(f"{h}.modules_to_save.default." in name for h in HEAD), name
     assert any(".detris_dense_aligner.default." in n for n in trainable)
     assert any(".detris_text_adapter.default." in n for n in trainable)
     assert all(any(n.startswith(f"base_model.model.{h}.modules_to_save.default.") for n in trainable) for h in HEAD)
@@ -177,14 +178,14 @@ def test_get_peft_model_trains_adapters_and_head_only(inputs, capsys):
     assert wrapped == set(HEAD)
 
     inner = model.get_base_model()
-    layers = {n: type(m) for n, m in inner.named_modules() if isinstance(m, DetrisTunerLayer)}
+    layers = {n: type(m) for n, m in inner.named_modules() if isinstance(m, DetrisLayer)}
     assert layers == {
         "vision_model.encoder.layer.1.mlp": DenseAlignerLayer,
         "vision_model.encoder.layer.3.mlp": DenseAlignerLayer,
         "text_model.text_model.encoder.layers.1.mlp": TextAdapterLayer,
         "text_model.text_model.encoder.layers.2.mlp": TextAdapterLayer,
     }
-    adapters = sum(p.numel() for n, p in model.named_parameters() if ".detris_" in n)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if is_adapter_key(n))
     head = sum(p.numel() for h in HEAD for p in getattr(inner, h).modules_to_save["default"].parameters())
     trainable_count, total = model.get_nb_trainable_parameters()
     assert trainable_count == adapters + head
@@ -199,22 +200,29 @@ def test_get_peft_model_trains_adapters_and_head_only(inputs, capsys):
         assert (param.grad is not None) == param.requires_grad, name
 
 
-def test_builtin_adapters_share_the_peft_implementation_and_keys(inputs):
-    """A standalone model (adapters_in_model=True) is the PEFT injection with the same config: same layers, same
-    keys (minus the PEFT wrapper prefix), same outputs for the same weights."""
+def test_builtin_adapters_and_peft_share_one_implementation_and_a_key_mapping(inputs):
+    """A standalone model (adapters_in_model=True) keeps transformers' backbone key names with its adapters beside
+    the MLP's linears; the PEFT injection with the same config holds the same adapter modules under PEFT's keys.
+    `standalone_key` maps one onto the other and the outputs are the same for the same weights."""
     torch.manual_seed(0)
     builtin = DetrisForReferringSegmentation(base_config(adapters_in_model=True)).eval()
     assert "peft_config" not in builtin.__dict__
-    assert "vision_model.encoder.layer.1.mlp.base_layer.fc1.weight" in builtin.state_dict()
-    assert "vision_model.encoder.layer.1.mlp.detris_dense_aligner.default.down_proj.weight" in builtin.state_dict()
+    assert "vision_model.encoder.layer.1.mlp.fc1.weight" in builtin.state_dict()
+    assert "vision_model.encoder.layer.1.mlp.dense_aligner.down_proj.weight" in builtin.state_dict()
+    assert "text_model.text_model.encoder.layers.1.mlp.text_adapter.up_proj.weight" in builtin.state_dict()
     trainable = {n.split(".")[0] for n, p in builtin.named_parameters() if p.requires_grad}
     assert trainable == {"vision_model", "text_model", *HEAD}
 
     base = make_base()
     peft_model = get_peft_model(base, adapter_config(base.config, modules_to_save=None))
-    peft_keys = {k.removeprefix("base_model.model.") for k in peft_model.state_dict()}
-    assert peft_keys == set(builtin.state_dict())
-    peft_model.get_base_model().load_state_dict(builtin.state_dict())
+    inner = peft_model.get_base_model()
+    assert "vision_model.encoder.layer.1.mlp.base_layer.fc1.weight" in inner.state_dict()
+    assert "vision_model.encoder.layer.1.mlp.detris_dense_aligner.default.down_proj.weight" in inner.state_dict()
+    mapping = {key: standalone_key(key, "default") for key in inner.state_dict()}
+    assert set(mapping.values()) == set(builtin.state_dict())
+    assert {type(m) for m in inner.adapter_modules().values()} == {type(m) for m in builtin.adapter_modules().values()}
+    builtin_state = builtin.state_dict()
+    inner.load_state_dict({key: builtin_state[standalone] for key, standalone in mapping.items()})
     torch.testing.assert_close(logits(peft_model, inputs), logits(builtin, inputs), rtol=0, atol=0)
 
 
@@ -287,7 +295,7 @@ def test_adapter_only_save_holds_adapters_head_and_batchnorm_statistics(tmp_path
     text_key = "base_model.model.text_model.text_model.encoder.layers.2.mlp.detris_text_adapter.dense_moc.branch3.bn.running_var"
     assert text_key in saved
     assert "base_model.model.neck.aggr.1.running_mean" in saved  # the head's BatchNorm statistics too
-    adapter_keys = {k for k in state if ".detris_" in k}
+    adapter_keys = {k for k in state if is_adapter_key(k)}
     head_keys = {k for k in state if any(f"{h}.modules_to_save.default." in k for h in HEAD)}
     assert len(saved) == len(adapter_keys) + len(head_keys)
 
@@ -297,7 +305,7 @@ def test_adapter_only_save_holds_adapters_head_and_batchnorm_statistics(tmp_path
     torch.testing.assert_close(logits(lazy, inputs), logits(model, inputs), rtol=0, atol=0)
     assert not any(p.requires_grad for p in reloaded.parameters())  # inference mode by default
     trainable = PeftModel.from_pretrained(make_base(), tmp_path, is_trainable=True)
-    assert any(p.requires_grad for n, p in trainable.named_parameters() if ".detris_" in n)
+    assert any(p.requires_grad for n, p in trainable.named_parameters() if is_adapter_key(n))
 
 
 def test_saved_adapter_with_other_dims_is_refused_with_a_clear_message(tmp_path, inputs):
@@ -368,35 +376,28 @@ def test_several_adapters_switch_disable_delete(tmp_path, inputs):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".a." in n for n in trainable)
 
-    # Delete b: a is untouched; layers that only held b lose their adapters and their hooks.
+    # Delete b: a is untouched; layers that only held b lose their adapters. No layer uses a hook.
     inner = model.get_base_model()
     lone_b = inner.text_model.text_model.encoder.layers[3]
-    assert lone_b.mlp.has_stream_hook
     model.delete_adapter("b")
     assert not any(".b." in k for k in model.state_dict())
-    assert not lone_b.mlp.has_stream_hook and len(lone_b.layer_norm2._forward_pre_hooks) == 0
-    assert inner.vision_model.encoder.layer[0].mlp.word_features is None
+    assert not lone_b.mlp.adapters and pre_hook_count(model) == 0
     torch.testing.assert_close(logits(model, inputs), out_a, rtol=0, atol=0)
-    # Adding an adapter back to such a layer re-attaches its hook.
     model.add_adapter("c", adapter_config(base.config, text_adapter_layers=[3], vision_adapter_layers=[]))
-    assert lone_b.mlp.has_stream_hook
+    assert list(lone_b.mlp.adapters) == ["c"]
     model.set_adapter("c")
     assert logits(model, inputs).shape == out_a.shape
 
 
-def test_unload_restores_the_plain_model_and_removes_every_hook(inputs):
+def test_unload_restores_the_plain_model(inputs):
     base = make_base()
     plain = copy.deepcopy(base)
-    hooks_before = pre_hook_count(base)
     model = get_peft_model(base, adapter_config(base.config))
     model.add_adapter("other", adapter_config(base.config, text_adapter_layers=[0, 3]))
-    assert pre_hook_count(base) == hooks_before + 4  # one per adapted text layer
+    assert pre_hook_count(base) == 0  # the side inputs are arguments, never hooks or stashed tensors
     model(pixel_values=inputs[0], input_ids=inputs[1])
-    layers = detris_layers(base)
     unloaded = model.unload()
     assert not detris_layers(unloaded)
-    assert pre_hook_count(unloaded) == hooks_before
-    assert all(getattr(layer, "word_features", None) is None and getattr(layer, "_stream", None) is None for layer in layers)
     assert "peft_config" not in unloaded.__dict__
     assert set(unloaded.state_dict()) == set(plain.state_dict())
     torch.testing.assert_close(logits(unloaded, inputs), logits(plain, inputs), rtol=0, atol=0)
@@ -450,9 +451,8 @@ def test_transformers_adapter_api(tmp_path, inputs):
     plain.enable_adapters()
     standalone = to_standalone_model(plain)
     torch.testing.assert_close(logits(standalone.eval(), inputs), expected, rtol=0, atol=0)
-    hooks = pre_hook_count(plain)
     plain.delete_adapter("task")
-    assert pre_hook_count(plain) == hooks - 2
+    assert pre_hook_count(plain) == 0
     assert not any(".task." in k for k in plain.state_dict())
 
 
@@ -471,36 +471,46 @@ def test_auto_peft_model_needs_the_import_allowlist(tmp_path, inputs):
 
 
 # ----- training details ------------------------------------------------------------------------------------------
-def test_activation_checkpointing_keeps_the_side_channels(inputs):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("input_require_grads", [False, True])
+def test_gradient_checkpointing_of_a_peft_model_gives_the_same_gradients(inputs, use_reentrant, input_require_grads):
     base = make_base()
     model = get_peft_model(base, adapter_config(base.config))
     model.train()  # transformers checkpoints its layers in training mode only; no dropout in this config
     pixel_values, input_ids, labels = inputs
 
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
     def grads():
+        model.load_state_dict(start)  # the same BatchNorm statistics before each step
         model.zero_grad()
         model(pixel_values=pixel_values, input_ids=input_ids, labels=labels).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     calls = []
     aligner = model.get_base_model().vision_model.encoder.layer[1].mlp
     aligner.register_forward_hook(lambda *args: calls.append(1))
     plain = grads()
-    assert len(calls) == 1
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert model.get_base_model().is_activation_checkpointing
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len(calls) == 1 and plain.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if input_require_grads:
+        model.enable_input_require_grads()
+    assert model.get_base_model().is_gradient_checkpointing
     checkpointed = grads()
-    assert len(calls) == 3  # the checkpointed block re-ran the Dense Aligner during backward, word features intact
+    assert len(calls) == 3  # the checkpointed block re-ran the Dense Aligner during backward, with its word features
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], msg=name)
+    for key, value in model.state_dict().items():  # BatchNorm statistics counted once, as without checkpointing
+        assert torch.equal(value, plain_state[key]), key
 
 
 def test_bfloat16_base_gets_bfloat16_adapters(inputs):
     base = make_base().to(torch.bfloat16)
     model = get_peft_model(base, adapter_config(base.config), autocast_adapter_dtype=False)
-    dtypes = {p.dtype for n, p in model.named_parameters() if ".detris_" in n}
-    dtypes |= {b.dtype for n, b in model.named_buffers() if ".detris_" in n and b.is_floating_point()}
+    dtypes = {p.dtype for n, p in model.named_parameters() if is_adapter_key(n)}
+    dtypes |= {b.dtype for n, b in model.named_buffers() if is_adapter_key(n) and b.is_floating_point()}
     assert dtypes == {torch.bfloat16}
     out = logits(model, inputs)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
@@ -515,20 +525,9 @@ def test_bfloat16_base_gets_bfloat16_adapters(inputs):
     assert logits(upcast, inputs).dtype == torch.bfloat16
 
 
-def test_deepcopy_keeps_working_hooks(inputs):
-    base = make_base()
-    model = get_peft_model(base, adapter_config(base.config))
-    twin = copy.deepcopy(model)
-    torch.testing.assert_close(logits(twin, inputs), logits(model, inputs), rtol=0, atol=0)
-    twin.unload()
-    assert pre_hook_count(twin) == 0
-    assert pre_hook_count(model) == 2  # the original keeps its own hooks
-    logits(model, inputs)
-
-
-
-def test_copy_and_pickle_after_a_training_step_leave_the_last_forward_behind(inputs):
-    """Copying a model right after a training step (best-model snapshots, EMA) works and carries no activations."""
+def test_copy_and_pickle_after_a_training_step(inputs):
+    """Copying a model right after a training step (best-model snapshots, EMA) works: no layer keeps a tensor of the
+    last forward, so copies and pickles carry no activations."""
     import pickle
 
     base = make_base()
@@ -537,12 +536,13 @@ def test_copy_and_pickle_after_a_training_step_leave_the_last_forward_behind(inp
     model(pixel_values=inputs[0], input_ids=inputs[1], labels=inputs[2]).loss.backward()
     model.eval()
     twin = copy.deepcopy(model)
-    for layer in twin.modules():
-        for name in getattr(layer, "transient_attributes", ()):
-            assert getattr(layer, name) is None
     torch.testing.assert_close(logits(twin, inputs), logits(model, inputs), rtol=0, atol=0)
-    state = pickle.loads(pickle.dumps(model.get_base_model().vision_model.encoder.layer[1].mlp))
-    assert state.word_features is None
+    layer = pickle.loads(pickle.dumps(model.get_base_model().vision_model.encoder.layer[1].mlp))
+    assert not [value for value in vars(layer).values() if isinstance(value, torch.Tensor)]
+    twin.unload()
+    assert detris_layers(model) and not detris_layers(twin)  # unloading the copy leaves the original alone
+    logits(model, inputs)
+
 
 def test_peft_status_helpers(inputs):
     base = make_base()
@@ -568,10 +568,10 @@ def test_functional_api_inject_and_state_dict_round_trip(inputs):
     inject_adapter_in_model(adapter_config(source.config, modules_to_save=None), source)
     with torch.no_grad():  # adapter statistics only: the head is not part of this adapter
         for name, buffer in source.named_buffers():
-            if ".detris_" in name and "running_" in name:
+            if is_adapter_key(name) and "running_" in name:
                 buffer.add_(torch.rand_like(buffer))
     state = get_peft_model_state_dict(source)
-    assert state and all(".detris_" in k and ".default." not in k for k in state)
+    assert state and all(is_adapter_key(k) and ".default." not in k for k in state)
     assert any(k.endswith("running_var") for k in state)
 
     target = make_base(seed=3)
@@ -580,7 +580,7 @@ def test_functional_api_inject_and_state_dict_round_trip(inputs):
     assert not torch.equal(logits(target, inputs), logits(source, inputs))
     result = set_peft_model_state_dict(target, state)
     assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if ".detris_" in k]
+    assert not [k for k in result.missing_keys if is_adapter_key(k)]
     torch.testing.assert_close(logits(target, inputs), logits(source, inputs), rtol=0, atol=0)
 
 

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from conftest import tiny_config, tiny_inputs
 from modeling_detris import DetrisAdapterConfig, DetrisForReferringSegmentation
+from modeling_detris.peft_detris import is_adapter_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_trainer_checkpoints_hold_only_the_adapter_and_resume(tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
     assert not any(name.startswith(("model.safetensors", "pytorch_model")) for name in files), files
     saved = load_file(checkpoint / "adapter_model.safetensors")
-    assert all(".detris_" in k or k.startswith(("base_model.model.neck.", "base_model.model.decoder.", "base_model.model.projector.")) for k in saved)
+    assert all(is_adapter_key(k) or k.startswith(("base_model.model.neck.", "base_model.model.decoder.", "base_model.model.projector.")) for k in saved)
 
     resumed = peft_model()
     Trainer(model=resumed, args=arguments(tmp_path / "resumed"), train_dataset=rows).train(resume_from_checkpoint=str(checkpoint))
@@ -161,3 +162,58 @@ def test_trainer_checkpoints_hold_only_the_adapter_and_resume(tmp_path):
     untrained = peft_model().state_dict()
     key = "base_model.model.vision_model.encoder.layer.1.mlp.detris_dense_aligner.default.up_proj.weight"
     assert not torch.equal(after_step_2[key], untrained[key])
+
+
+ADAPTERS_ONLY_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+
+    import modeling_detris  # noqa: F401  (registers the model and peft_type DETRIS)
+    from modeling_detris import DetrisForReferringSegmentation
+    from peft import PeftModel
+
+    adapter_dir, base_dir, reference_path, result_path = sys.argv[1:]
+    reference = torch.load(reference_path)
+    model = PeftModel.from_pretrained(DetrisForReferringSegmentation.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(pixel_values=reference["pixel_values"], input_ids=reference["input_ids"]).logits
+    with open(result_path, "w") as handle:
+        json.dump({"max_abs_diff": (logits - reference["logits"]).abs().max().item()}, handle)
+    """
+)
+
+
+def test_adapters_only_run_leaves_the_frozen_head_untouched_and_reloads_exactly(tmp_path):
+    """`modules_to_save=None`: the head is frozen, so training must not move its BatchNorm statistics (they are not
+    in the adapter file). The saved adapter, reloaded in a fresh process onto the saved base, gives the trained model's
+    logits exactly, and with the adapters disabled the model is still the original base."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    torch.manual_seed(0)
+    DetrisForReferringSegmentation(config()).save_pretrained(base_dir)
+    original = DetrisForReferringSegmentation.from_pretrained(base_dir).eval()
+    model = get_peft_model(DetrisForReferringSegmentation.from_pretrained(base_dir),
+                           DetrisAdapterConfig.from_model_config(original.config, modules_to_save=None))
+    pixel_values, input_ids, labels = tiny_inputs(original.config)
+    head_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if k.startswith(("neck.", "decoder.", "projector."))}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for step in range(3):
+        optimizer.zero_grad()
+        model(pixel_values=pixel_values + step, input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+    head_after = {k: v for k, v in model.get_base_model().state_dict().items() if k in head_before}
+    assert any("running_mean" in k for k in head_before)
+    assert all(torch.equal(head_before[k], head_after[k]) for k in head_before), "the frozen head's BatchNorm statistics moved"
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        with model.disable_adapter():
+            disabled = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        base_logits = original(pixel_values=pixel_values, input_ids=input_ids).logits
+    assert torch.equal(disabled, base_logits)
+    model.save_pretrained(adapter_dir)
+    reference = tmp_path / "reference.pt"
+    torch.save(dict(pixel_values=pixel_values, input_ids=input_ids, logits=expected), reference)
+    run_fresh_python(ADAPTERS_ONLY_FRESH_PROCESS, adapter_dir, base_dir, reference, tmp_path / "result.json")
+    assert json.loads((tmp_path / "result.json").read_text())["max_abs_diff"] == 0.0

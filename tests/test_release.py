@@ -13,8 +13,9 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, CLIPTextModelWithProjection, Dinov2WithRegistersModel
 
+from modeling_detris.peft_detris import is_adapter_key
 from official_standins import make_official_checkpoint, write_config
 from training.cli import main as cli
 
@@ -125,15 +126,15 @@ def test_adapter_folders_hold_only_adapters_and_head(release):
     base_config = json.loads((release / "base" / "config.json").read_text())
     with safe_open(str(release / "base" / "model.safetensors"), "pt") as handle:
         base_keys = set(handle.keys())
-    assert not any(".detris_" in k for k in base_keys)
+    assert not any(is_adapter_key(k) for k in base_keys)
     for folder, word_len, dataset in (("refcoco", 17, "refcoco"), ("refcocog-umd", 22, "refcocog-umd")):
         adapter_config = json.loads((release / folder / "adapter_config.json").read_text())
         assert adapter_config["peft_type"] == "DETRIS" and adapter_config["word_len"] == word_len
         assert adapter_config["base_model_name_or_path"] == str((release / "base").resolve())
         with safe_open(str(release / folder / "adapter_model.safetensors"), "pt") as handle:
             keys = {k.removeprefix("base_model.model.") for k in handle.keys()}
-        assert keys and all(".detris_" in k or k.startswith(("neck.", "decoder.", "projector.")) for k in keys)
-        assert not any(k.startswith(("vision_model.", "text_model.")) and ".detris_" not in k for k in keys)
+        assert keys and all(is_adapter_key(k) or k.startswith(("neck.", "decoder.", "projector.")) for k in keys)
+        assert not any(k.startswith(("vision_model.", "text_model.")) and not is_adapter_key(k) for k in keys)
         record = json.loads((release / folder / "conversion.json").read_text())
         assert record["dataset"] == dataset and record["kind"] == "adapter"
         assert json.loads((release / folder / "processor_config.json").read_text())["word_len"] == word_len
@@ -149,39 +150,44 @@ def _bump(tensor: torch.Tensor) -> torch.Tensor:
     return changed
 
 
-def test_checkpoints_whose_frozen_tensors_differ_are_refused_with_the_names(standins, tmp_path):
+def test_checkpoints_whose_frozen_tensors_differ_are_refused_with_the_names(standins, tmp_path, capsys):
     checkpoint = torch.load(standins.refcoco, weights_only=True)
     state = checkpoint["state_dict"]
     state["module.dinov2.norm.weight"] = _bump(state["module.dinov2.norm.weight"])
     state["module.txt_backbone.transformer.resblocks.2.mlp.c_fc.bias"] = _bump(state["module.txt_backbone.transformer.resblocks.2.mlp.c_fc.bias"])
     torch.save(checkpoint, tmp_path / "base_refcoco+.pth")
     output = tmp_path / "release"
-    with pytest.raises(ValueError) as error:
-        cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(tmp_path / "base_refcoco+.pth"),
-             "--config", str(standins.config), "--split-adapters", "--output", str(output)])
-    message = str(error.value)
+    # a user mistake: one line on stderr, exit code 2
+    assert cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(tmp_path / "base_refcoco+.pth"),
+                "--config", str(standins.config), "--split-adapters", "--output", str(output)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("detris convert: error: ")
     assert "base_refcoco+.pth does not share its frozen backbones with base_refcoco.pth: 2 tensor(s) differ" in message
     assert "dinov2.norm.weight" in message and "txt_backbone.transformer.resblocks.2.mlp.c_fc.bias" in message
     assert not output.exists() and not (tmp_path / "release.partial").exists()
 
     # A checkpoint of another backbone: every frozen tensor differs, and the list names them.
     other = make_official_checkpoint(tmp_path / "other" / "base_refcoco+.pth", seed=3, backbone_seed=5)
-    with pytest.raises(ValueError, match=r"dinov2\.blocks\.0\.attn\.qkv\.weight") as error:
-        cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(other), "--config",
-             str(standins.config), "--split-adapters", "--output", str(output)])
-    assert "tensor(s) differ bit for bit" in str(error.value) and not output.exists()
+    assert cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(other), "--config",
+                str(standins.config), "--split-adapters", "--output", str(output)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "dinov2.blocks.0.attn.qkv.weight" in message
+    assert "tensor(s) differ bit for bit" in message and not output.exists()
 
 
-def test_convert_argument_errors_name_the_values(standins, tmp_path):
+def test_convert_argument_errors_name_the_values(standins, tmp_path, capsys):
     both = ["--checkpoint", str(standins.refcoco), "--checkpoint", str(standins.umd), "--config", str(standins.config)]
-    with pytest.raises(ValueError, match="2 --checkpoint files given without --split-adapters"):
-        cli(["convert", *both, "--output", str(tmp_path / "a")])
-    with pytest.raises(ValueError, match=r"--dataset was given 1 time\(s\) for 2 --checkpoint"):
-        cli(["convert", *both, "--split-adapters", "--dataset", "refcoco", "--output", str(tmp_path / "b")])
-    with pytest.raises(ValueError, match="would both become the adapter folder 'refcoco'"):
-        cli(["convert", *both, "--split-adapters", "--dataset", "refcoco", "--dataset", "refcoco", "--output", str(tmp_path / "c")])
-    with pytest.raises(ValueError, match="unknown dataset 'coco'"):
-        cli(["convert", "--checkpoint", str(standins.refcoco), "--dataset", "coco", "--output", str(tmp_path / "d")])
+    for argv, message in (
+        ([*both, "--output", str(tmp_path / "a")], "2 --checkpoint files given without --split-adapters"),
+        ([*both, "--split-adapters", "--dataset", "refcoco", "--output", str(tmp_path / "b")],
+         "--dataset was given 1 time(s) for 2 --checkpoint"),
+        ([*both, "--split-adapters", "--dataset", "refcoco", "--dataset", "refcoco", "--output", str(tmp_path / "c")],
+         "would both become the adapter folder 'refcoco'"),
+        (["--checkpoint", str(standins.refcoco), "--dataset", "coco", "--output", str(tmp_path / "d")], "unknown dataset 'coco'"),
+    ):
+        assert cli(["convert", *argv]) == 2  # a user mistake: one line on stderr, exit code 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("detris convert: error: "), err
     assert not any(tmp_path.iterdir())
 
 
@@ -207,8 +213,14 @@ def test_provenance_check_against_public_folders(release, tmp_path, capsys):
     base_dir = tmp_path / "base"
     shutil.copytree(release / "base", base_dir)
     model = AutoModel.from_pretrained(str(base_dir))
-    model.vision_model.save_pretrained(tmp_path / "dinov2")
-    model.text_model.save_pretrained(tmp_path / "clip")
+
+    def save_as_public(module, cls, sub_config, folder):  # the base keeps transformers' own DINOv2 / CLIP key names
+        public = cls(sub_config)
+        public.load_state_dict(module.state_dict(), strict=True)
+        public.save_pretrained(folder)
+
+    save_as_public(model.vision_model, Dinov2WithRegistersModel, model.config.vision_config, tmp_path / "dinov2")
+    save_as_public(model.text_model, CLIPTextModelWithProjection, model.config.text_config, tmp_path / "clip")
     assert cli(["provenance", "--base", str(base_dir), "--vision", str(tmp_path / "dinov2"), "--text", str(tmp_path / "clip")]) == 0
     out = capsys.readouterr().out
     assert "vision: bit-identical" in out and "text: bit-identical" in out
@@ -218,7 +230,7 @@ def test_provenance_check_against_public_folders(release, tmp_path, capsys):
     changed = model.vision_model.state_dict()["encoder.layer.2.mlp.fc1.weight"]
     with torch.no_grad():
         changed.add_(1e-3)
-    model.vision_model.save_pretrained(tmp_path / "dinov2-changed")
+    save_as_public(model.vision_model, Dinov2WithRegistersModel, model.config.vision_config, tmp_path / "dinov2-changed")
     assert cli(["provenance", "--base", str(base_dir), "--vision", str(tmp_path / "dinov2-changed"), "--text", str(tmp_path / "clip")]) == 0
     assert "vision: DIFFERENT" in capsys.readouterr().out
     comparison = json.loads((base_dir / "backbone_provenance.json").read_text())["vision"]["comparison"]

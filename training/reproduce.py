@@ -104,7 +104,8 @@ def convert(checkpoint: dict, output: Path, config=None, overwrite=False, log=pr
             return output
     dataset = None if checkpoint["dataset"] == "mixed" else checkpoint["dataset"]
     return convert_whole(checkpoint["path"], output, checkpoint["variant"], config, dataset=dataset,
-                         save_extras=lambda folder, model_config: save_processor(str(folder), config=model_config), log=log)
+                         save_extras=lambda folder, model_config: save_processor(str(folder), config=model_config), log=log,
+                         overwrite=True)  # reached only to (re)convert this run's own folder
 
 
 def evaluate(model_dir: Path, data, splits, output: Path, device: str, dtype: str, batch_size: int,

@@ -161,8 +161,11 @@ class EpochShuffleSampler(Sampler):
 
 def build_optimizer(model, cfg: TrainingConfig):
     """Adam with the official two groups: backbone adapters, then everything else trainable (the head)."""
-    adapters = [p for n, p in model.named_parameters() if p.requires_grad and ".detris_" in n]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and ".detris_" not in n]
+    from modeling_detris import DenseAligner, TextAdapter
+
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, (DenseAligner, TextAdapter)) for p in m.parameters()}
+    adapters = [p for p in model.parameters() if p.requires_grad and id(p) in adapter_ids]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
     groups = [g for g in ({"params": adapters}, {"params": head}) if g["params"]]
     implementation = OPTIMIZER_IMPLEMENTATIONS[cfg.optimizer_implementation]
     return torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **implementation)

@@ -1,21 +1,30 @@
-"""The DETRIS adapters as a PEFT method, laid out like peft's own tuners:
+"""The DETRIS adapters as a PEFT method, built on the model and laid out like peft's own tuners:
 
-- `config.py`: `DetrisPeftType` (`DETRIS`) and `DetrisAdapterConfig`;
-- `layer.py`: the tuner layers `DenseAlignerLayer` / `TextAdapterLayer` (implemented in `modeling_detris.tuner_layers`);
-- `model.py`: the tuner `DetrisAdapterModel` and `to_standalone_model`.
+- `config.py`: `DetrisPeftType` (`DETRIS`) and `DetrisAdapterConfig` (the adapter fields of `DetrisConfig`);
+- `layer.py`: the tuner layers `DenseAlignerLayer` / `TextAdapterLayer`, holding the model's own adapter modules;
+- `model.py`: the tuner `DetrisAdapterModel`, the standalone <-> PEFT key mapping, `to_standalone_model` and
+  `split_standalone_model`.
 
-Importing this package (which `import modeling_detris` does) registers the method with peft. peft's `PeftType` is a
-closed Enum and `register_peft_method` refuses names outside it, so the registration inserts `DetrisPeftType.DETRIS`
-into peft's type -> config / tuner / prefix mappings directly. Without the import, peft cannot read a DETRIS
-`adapter_config.json`: `PeftConfig.from_pretrained`, `PeftModel.from_pretrained`, `model.load_adapter` and
-`AutoModel.from_pretrained(<adapter dir>)` raise `KeyError: 'DETRIS'` (peft has no plug-in discovery).
+The standalone model (`modeling_detris.modeling_detris`) imports nothing of this package or of peft. Importing the
+`modeling_detris` package registers the method with peft (`register_detris_peft`). peft's `PeftType` is a closed
+Enum and `register_peft_method` refuses names outside it, so the registration inserts `DetrisPeftType.DETRIS` into
+peft's type -> config / tuner / prefix mappings directly. Without it, peft cannot read a DETRIS
+`adapter_config.json` (`KeyError: 'DETRIS'`): peft has no plug-in discovery.
 """
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from .config import DetrisAdapterConfig, DetrisPeftType, adapter_presets
-from .layer import DenseAlignerLayer, DetrisTunerLayer, TextAdapterLayer
-from .model import MERGE_MESSAGE, DetrisAdapterModel, release_side_inputs, split_standalone_model, to_standalone_model
+from .layer import DenseAlignerLayer, DetrisLayer, TextAdapterLayer
+from .model import (
+    LEGACY_KEY_MAPPING,
+    MERGE_MESSAGE,
+    DetrisAdapterModel,
+    is_adapter_key,
+    split_standalone_model,
+    standalone_key,
+    to_standalone_model,
+)
 
 
 def register_detris_peft() -> None:
@@ -37,19 +46,19 @@ def register_detris_peft() -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = DetrisAdapterModel.prefix
 
 
-register_detris_peft()
-
 __all__ = [
+    "LEGACY_KEY_MAPPING",
     "DenseAlignerLayer",
     "DetrisAdapterConfig",
     "DetrisAdapterModel",
+    "DetrisLayer",
     "DetrisPeftType",
-    "DetrisTunerLayer",
     "MERGE_MESSAGE",
     "TextAdapterLayer",
     "adapter_presets",
+    "is_adapter_key",
     "register_detris_peft",
-    "release_side_inputs",
     "split_standalone_model",
+    "standalone_key",
     "to_standalone_model",
 ]

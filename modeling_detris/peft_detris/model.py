@@ -1,19 +1,22 @@
 """`DetrisAdapterModel`: the PEFT tuner that injects the DETRIS adapters into a `DetrisForReferringSegmentation`.
 
-Injection wraps the `mlp` of every configured block in a `DenseAlignerLayer` (vision) or `TextAdapterLayer` (text),
-the tuner layers in `modeling_detris.tuner_layers`; a block already wrapped gets one more adapter in the same layer.
-The built-in adapters of a standalone model (`config.adapters_in_model=True`) are injected by this same tuner, so
-both save the same keys.
+Injection wraps the `mlp` of every configured block in a `DenseAlignerLayer` (vision) or `TextAdapterLayer` (text);
+a block already wrapped gets one more adapter in the same layer. The adapters are non-linear, so they cannot be
+merged: `merge_and_unload()` raises and points to `to_standalone_model()`, which builds a
+`DetrisForReferringSegmentation` with the adapters built in; `split_standalone_model()` is its inverse.
 
-Side inputs, which PEFT does not model:
-- the Dense Aligners read the text encoder's word features, handed over by `DetrisForReferringSegmentation.forward`
-  through `DenseAlignerLayer.set_word_features` before the vision encoder runs;
-- the text adapters read their block's residual stream through a forward pre-hook on the block's `layer_norm2`.
-`unload()` releases both (hooks removed, stashed tensors dropped) before putting the plain MLPs back;
-`delete_adapter()` removes a text layer's hook when its last adapter goes.
+Keys. A standalone model keeps transformers' DINOv2 / CLIP key names and holds its adapters beside the MLP's linear
+layers; a PEFT model holds the MLP as `base_layer` and each adapter under its name:
 
-The adapters are non-linear, so they cannot be merged: `merge_and_unload()` raises and points to
-`to_standalone_model()`, which builds a `DetrisForReferringSegmentation` with the adapters built in.
+    standalone                                          PEFT model (adapter "default")
+    vision_model.encoder.layer.1.mlp.fc1.weight         vision_model.encoder.layer.1.mlp.base_layer.fc1.weight
+    vision_model.encoder.layer.1.mlp.dense_aligner.*    vision_model.encoder.layer.1.mlp.detris_dense_aligner.default.*
+    text_model.text_model.encoder.layers.1.mlp.text_adapter.*
+                                                        text_model.text_model.encoder.layers.1.mlp.detris_text_adapter.default.*
+    neck.* / decoder.* / projector.*                    neck.modules_to_save.default.* (the trained copy), neck.original_module.*
+
+`standalone_key` and `is_adapter_key` are the one home of this mapping; the adapter files PEFT writes drop the adapter
+name (`...mlp.detris_dense_aligner.down_proj.weight`).
 """
 
 import copy
@@ -23,15 +26,21 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..tuner_layers import DetrisTunerLayer, add_dense_aligner, add_text_adapter
+from ..modeling_detris import DetrisForReferringSegmentation, DetrisTextMLP, DetrisVisionMLP
 from .config import DetrisAdapterConfig, classify_target, target_modules_for
+from .layer import MERGE_MESSAGE, DenseAlignerLayer, DetrisLayer, TextAdapterLayer
 
-MERGE_MESSAGE = (
-    "DETRIS adapters are non-linear (convolutions, BatchNorm, cross-attention) and cannot be merged into the backbone "
-    "weights. To get a standalone DETRIS model with the adapters built in (one checkpoint that "
-    "AutoModel.from_pretrained loads), call `modeling_detris.peft_detris.to_standalone_model(peft_model)` and "
-    "`save_pretrained` the result; `unload()` removes the adapters and gives back the base model."
-)
+
+# attribute of an adapter in a standalone model's MLP -> attribute of the PEFT layer's ModuleDict
+STANDALONE_TO_PEFT_ATTRIBUTE = {"dense_aligner": "detris_dense_aligner", "text_adapter": "detris_text_adapter"}
+PEFT_TO_STANDALONE_ATTRIBUTE = {peft: standalone for standalone, peft in STANDALONE_TO_PEFT_ATTRIBUTE.items()}
+# transformers' `key_mapping` for standalone checkpoints saved before the adapters sat beside the MLP's linears (the
+# MLP was a PEFT layer: `...mlp.base_layer.fc1.weight`, `...mlp.detris_dense_aligner.default.*`):
+#     AutoModel.from_pretrained(old_dir, key_mapping=LEGACY_KEY_MAPPING)
+LEGACY_KEY_MAPPING = {
+    r"\.mlp\.base_layer\.": ".mlp.",
+    **{rf"\.mlp\.{peft}\.default\.": f".mlp.{standalone}." for standalone, peft in STANDALONE_TO_PEFT_ATTRIBUTE.items()},
+}
 
 
 class DetrisAdapterModel(BaseTuner):
@@ -41,7 +50,7 @@ class DetrisAdapterModel(BaseTuner):
     with `adapters_in_model=False`)."""
 
     prefix: str = "detris_"
-    tuner_layer_cls = DetrisTunerLayer
+    tuner_layer_cls = DetrisLayer
     target_module_mapping = {}
 
     # ----- injection ------------------------------------------------------------------------------------------
@@ -57,23 +66,17 @@ class DetrisAdapterModel(BaseTuner):
         return peft_config
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None):
-        found = classify_target(current_key)
-        if found is None or target_name != "mlp":
+        kind = classify_target(current_key)
+        if kind is None or target_name != "mlp":
             raise ValueError(
-                f"the DETRIS adapters wrap the `mlp` of a vision block ({'vision_model.encoder.layer.<i>.mlp'}) or a text "
-                f"layer ({'text_model.text_model.encoder.layers.<i>.mlp'}); got module {current_key!r}"
+                "the DETRIS adapters wrap the `mlp` of a vision block (vision_model.encoder.layer.<i>.mlp) or a text "
+                f"layer (text_model.text_model.encoder.layers.<i>.mlp); got module {current_key!r}"
             )
-        kind, _ = found
-        model_config = self.model.config
-        common = dict(
-            scale=peft_config.adapter_scale,
-            init_mode=peft_config.adapter_init,
-            inference_mode=peft_config.inference_mode,
-        )
-        if kind == "vision":
-            add_dense_aligner(parent, adapter_name, **common, **dense_aligner_kwargs(peft_config, model_config))
-        else:
-            add_text_adapter(parent, adapter_name, **common, **text_adapter_kwargs(peft_config, model_config))
+        layer_cls = DenseAlignerLayer if kind == "vision" else TextAdapterLayer
+        if not isinstance(target, layer_cls):
+            target = layer_cls(target)
+            setattr(parent, target_name, target)
+        target.update_layer(adapter_name, peft_config, self.model.config, inference_mode=peft_config.inference_mode)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # peft upcasts bf16/fp16 adapter *parameters* to fp32; the BatchNorm running statistics are buffers and must
@@ -82,15 +85,13 @@ class DetrisAdapterModel(BaseTuner):
         if not autocast_adapter_dtype:
             return
         for layer in self.model.modules():
-            if isinstance(layer, DetrisTunerLayer):
-                adapters = getattr(layer, layer.adapter_attr)
-                if adapter_name in adapters:
-                    _align_buffer_dtypes(adapters[adapter_name])
+            if isinstance(layer, DetrisLayer) and adapter_name in layer.adapters:
+                align_buffer_dtypes(layer.adapters[adapter_name])
 
     # ----- checkpoint keys ------------------------------------------------------------------------------------
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # The adapter name follows the ModuleDict attribute (`…mlp.detris_dense_aligner.default.down_proj.weight`),
+        # The adapter name follows the ModuleDict attribute (`...mlp.detris_dense_aligner.default.down_proj.weight`),
         # not the second-to-last component as peft's default assumes. Pure function: used to save and to load.
         return re.sub(rf"(\.{re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key)
 
@@ -113,7 +114,6 @@ class DetrisAdapterModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             raise NotImplementedError(MERGE_MESSAGE)
-        release_side_inputs(self.model)
         return super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -129,31 +129,40 @@ class DetrisAdapterModel(BaseTuner):
         return to_standalone_model(self, adapter_name)
 
 
+# ----- the standalone <-> PEFT key mapping --------------------------------------------------------------------
+def is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key (standalone, PEFT model or PEFT adapter file) belongs to a Dense Aligner or a text
+    adapter."""
+    parts = set(key.split("."))
+    return bool(parts & (set(STANDALONE_TO_PEFT_ATTRIBUTE) | set(PEFT_TO_STANDALONE_ATTRIBUTE)))
+
+
+def standalone_key(key: str, adapter_name: str, heads_with_copy=frozenset()) -> str | None:
+    """The standalone key of a PEFT model's state-dict key for adapter `adapter_name`, or None for a tensor the
+    standalone model does not take (another adapter, or the base copy of a head that `adapter_name` trained)."""
+    parts = key.split(".")
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        if parts[i + 1] != adapter_name:
+            return None
+        parts = parts[:i] + parts[i + 2 :]
+    elif "original_module" in parts:
+        i = parts.index("original_module")
+        if ".".join(parts[:i]) in heads_with_copy:
+            return None
+        parts = parts[:i] + parts[i + 1 :]
+    if "base_layer" in parts:
+        parts.remove("base_layer")
+    for j, part in enumerate(parts[:-1]):
+        if part in PEFT_TO_STANDALONE_ATTRIBUTE:
+            if parts[j + 1] != adapter_name:
+                return None
+            parts[j : j + 2] = [PEFT_TO_STANDALONE_ATTRIBUTE[part]]
+            break
+    return ".".join(parts)
+
+
 # ----- helpers ------------------------------------------------------------------------------------------------
-def dense_aligner_kwargs(peft_config: DetrisAdapterConfig, model_config) -> dict:
-    """Dense Aligner constructor arguments: widths from the adapter config, shapes from the base model's config."""
-    return dict(
-        hidden_size=model_config.vision_config.hidden_size,
-        width=peft_config.vision_adapter_dim,
-        text_dim=model_config.text_config.hidden_size,
-        grid_size=model_config.grid_size,
-        num_prefix_tokens=model_config.num_prefix_tokens,
-        attention_dim=peft_config.vision_adapter_attention_dim,
-        num_heads=peft_config.vision_adapter_attention_heads,
-        dropout=peft_config.vision_adapter_attention_dropout,
-        batch_norm_eps=peft_config.adapter_batch_norm_eps,
-        attn_implementation="eager" if model_config._attn_implementation == "eager" else "sdpa",
-    )
-
-
-def text_adapter_kwargs(peft_config: DetrisAdapterConfig, model_config) -> dict:
-    return dict(
-        hidden_size=model_config.text_config.hidden_size,
-        width=peft_config.text_adapter_dim,
-        batch_norm_eps=peft_config.adapter_batch_norm_eps,
-    )
-
-
 def check_base_model(model: nn.Module, config: DetrisAdapterConfig) -> None:
     """Refuse a base that is not DETRIS or lacks a configured layer, naming the bad value and the valid range."""
     model_config = getattr(model, "config", None)
@@ -206,14 +215,7 @@ def check_adapter_shapes(model: nn.Module, state_dict: dict, adapter_name: str) 
         )
 
 
-def release_side_inputs(model: nn.Module) -> None:
-    """Remove every text-adapter hook and drop the word features stashed on the Dense Aligners."""
-    for module in model.modules():
-        if isinstance(module, DetrisTunerLayer):
-            module.release_side_inputs()
-
-
-def _align_buffer_dtypes(module: nn.Module) -> None:
+def align_buffer_dtypes(module: nn.Module) -> None:
     for owner in module.modules():
         params = list(owner.parameters(recurse=False))
         if not params:
@@ -224,7 +226,7 @@ def _align_buffer_dtypes(module: nn.Module) -> None:
                 setattr(owner, name, buffer.to(dtype))
 
 
-def _unwrap(model):
+def unwrap_peft_model(model):
     """(the DETRIS model, its PEFT configs by adapter name, active adapters) of a PeftModel, a DetrisAdapterModel, or
     a DETRIS model with adapters injected by transformers' `load_adapter` / `inject_adapter_in_model`."""
     from peft import PeftModel
@@ -240,26 +242,21 @@ def _unwrap(model):
             f"{type(model).__name__} holds no PEFT adapters (no peft_config); a DETRIS model with built-in adapters is "
             "already standalone"
         )
-    active = []
-    for module in model.modules():
-        if isinstance(module, DetrisTunerLayer):
-            active = list(module.active_adapters)
-            break
+    active = next((list(m.active_adapters) for m in model.modules() if isinstance(m, DetrisLayer)), [])
     return model, configs, active
 
 
 def to_standalone_model(model, adapter_name: str | None = None):
-    """A `DetrisForReferringSegmentation` with adapter `adapter_name` built in (`adapters_in_model=True`, saved under
-    the name "default"), its head taken from the adapter's `modules_to_save` copy when it has one. Its outputs equal
-    those of the PEFT model with that adapter active, and `save_pretrained` gives one checkpoint that
-    `AutoModel.from_pretrained` loads. This is the replacement for `merge_and_unload`, which the non-linear DETRIS
-    adapters cannot support.
+    """A `DetrisForReferringSegmentation` with adapter `adapter_name` built in (`adapters_in_model=True`), its head
+    taken from the adapter's `modules_to_save` copy when it has one. Its outputs equal those of the PEFT model with
+    that adapter active, and `save_pretrained` gives one checkpoint that `AutoModel.from_pretrained` loads. This is
+    the replacement for `merge_and_unload`, which the non-linear DETRIS adapters cannot support.
 
     `model` is a `PeftModel`, a `DetrisAdapterModel`, or a DETRIS model with adapters loaded by transformers'
     `load_adapter`; `adapter_name` defaults to the single active adapter."""
-    from ..modeling_detris import DetrisForReferringSegmentation
+    from transformers.initialization import no_init_weights
 
-    detris, configs, active = _unwrap(model)
+    detris, configs, active = unwrap_peft_model(model)
     if adapter_name is None:
         if len(active) != 1:
             raise ValueError(f"pass adapter_name: the model has {len(active)} active adapters {active}, expected exactly 1")
@@ -269,66 +266,39 @@ def to_standalone_model(model, adapter_name: str | None = None):
     peft_config = configs[adapter_name]
     if not isinstance(peft_config, DetrisAdapterConfig):
         raise TypeError(f"adapter {adapter_name!r} is a {type(peft_config).__name__}, not a DetrisAdapterConfig")
+    if any(isinstance(m, (DetrisVisionMLP, DetrisTextMLP)) and m.adapter is not None for m in detris.modules()):
+        raise ValueError("the base model has built-in adapters (adapters_in_model=True); expected a bare base")
 
     config = copy.deepcopy(detris.config)
     for name, value in peft_config.to_model_config_kwargs().items():
         setattr(config, name, value)
     config.adapters_in_model = True
     config.check_detris_settings()
-    dtype = next(detris.parameters()).dtype
-    device = next(detris.parameters()).device
-    standalone = DetrisForReferringSegmentation(config)
+    parameter = next(detris.parameters())
+    with no_init_weights():  # every tensor is loaded (strictly) right below
+        standalone = DetrisForReferringSegmentation(config)
 
     heads_with_copy = {
         name
         for name, module in detris.named_modules()
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
     }
-    wanted = standalone.state_dict()
     mapped = {}
     for key, value in detris.state_dict().items():
-        new_key = _standalone_key(key, adapter_name, heads_with_copy)
-        if new_key is None:
-            continue
-        if new_key not in wanted:
-            alternative = new_key.replace(".mlp.base_layer.", ".mlp.") if ".mlp.base_layer." in new_key else None
-            if alternative is None and ".mlp." in new_key:
-                alternative = new_key.replace(".mlp.", ".mlp.base_layer.", 1)
-            if alternative in wanted:
-                new_key = alternative
-        mapped[new_key] = value
-    missing = sorted(set(wanted) - set(mapped))
-    unexpected = sorted(set(mapped) - set(wanted))
+        new_key = standalone_key(key, adapter_name, heads_with_copy)
+        if new_key is not None:
+            mapped[new_key] = value
+    wanted = standalone.state_dict()
+    missing, unexpected = sorted(set(wanted) - set(mapped)), sorted(set(mapped) - set(wanted))
     if missing or unexpected:
         raise RuntimeError(
             f"cannot map adapter {adapter_name!r} onto a standalone DETRIS: missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     standalone.load_state_dict(mapped, strict=True)
-    standalone.to(device=device, dtype=dtype)
+    standalone.to(device=parameter.device, dtype=parameter.dtype)
     standalone.freeze_backbones()
     standalone.train(detris.training)
     return standalone
-
-
-def _standalone_key(key: str, adapter_name: str, heads_with_copy: set[str]) -> str | None:
-    parts = key.split(".")
-    if "modules_to_save" in parts:
-        i = parts.index("modules_to_save")
-        if parts[i + 1] != adapter_name:
-            return None
-        parts = parts[:i] + parts[i + 2 :]
-    elif "original_module" in parts:
-        i = parts.index("original_module")
-        if ".".join(parts[:i]) in heads_with_copy:
-            return None
-        parts = parts[:i] + parts[i + 1 :]
-    for j, part in enumerate(parts[:-1]):
-        if part.startswith(DetrisAdapterModel.prefix):
-            if parts[j + 1] != adapter_name:
-                return None
-            parts[j + 1] = "default"
-            break
-    return ".".join(parts)
 
 
 def split_standalone_model(model, base_dir=None, modules_to_save=("neck", "decoder", "projector"),
@@ -344,19 +314,14 @@ def split_standalone_model(model, base_dir=None, modules_to_save=("neck", "decod
     from peft import get_peft_model
     from transformers.initialization import no_init_weights
 
-    from ..modeling_detris import DetrisForReferringSegmentation
-
     if not model.config.adapters_in_model:
         raise ValueError("the model has no built-in adapters (adapters_in_model=False); nothing to split")
     config = copy.deepcopy(model.config)
     config.adapters_in_model = False
     with no_init_weights():  # every tensor is loaded (strictly) right below
         base = DetrisForReferringSegmentation(config)
-    source = model.state_dict()
-    base.load_state_dict(
-        {k.replace(".mlp.base_layer.", ".mlp."): v for k, v in source.items() if f".{DetrisAdapterModel.prefix}" not in k},
-        strict=True,
-    )
+    adapter_keys = set(model.adapter_state_dict())
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if k not in adapter_keys}, strict=True)
     base.to(dtype=next(model.parameters()).dtype).train(model.training)
     if base_dir is not None:
         base.save_pretrained(base_dir)  # before PEFT wraps the head in place
@@ -367,13 +332,18 @@ def split_standalone_model(model, base_dir=None, modules_to_save=("neck", "decod
     if name is not None:
         base.name_or_path = str(name)  # get_peft_model takes the adapter's base_model_name_or_path from here
     peft_model = get_peft_model(base, peft_config)
-    detris = peft_model.base_model.model
-    adapters = {k: source[k] for k in detris.state_dict() if f".{DetrisAdapterModel.prefix}" in k}
-    missing = [k for k in detris.state_dict() if f".{DetrisAdapterModel.prefix}" in k and k not in source]
-    if missing:
-        raise RuntimeError(f"the standalone model lacks adapter tensors {missing[:10]}")
-    detris.load_state_dict(adapters, strict=False)
+    for layer_name, layer in peft_model.base_model.model.named_modules():
+        if isinstance(layer, DetrisLayer):
+            layer.adapters["default"].load_state_dict(model.get_submodule(layer_name).adapter.state_dict())
     return peft_model
 
 
-__all__ = ["DetrisAdapterModel", "MERGE_MESSAGE", "release_side_inputs", "split_standalone_model", "to_standalone_model"]
+__all__ = [
+    "LEGACY_KEY_MAPPING",
+    "DetrisAdapterModel",
+    "MERGE_MESSAGE",
+    "is_adapter_key",
+    "split_standalone_model",
+    "standalone_key",
+    "to_standalone_model",
+]
