@@ -35,7 +35,7 @@ def test_training_writes_checkpoints_and_loadable_models(tmp_path, tiny_data):
     assert len(summary["history"]) == 2 and "val/mIoU" in summary["history"][-1]
     assert summary["effective_batch_size"] == 4
     latest = checkpointing.latest_checkpoint(tmp_path / "run")
-    state = load_file(str(latest / "trainable.safetensors"))
+    state = load_file(str(latest / "model.safetensors"))
     model = AutoModel.from_pretrained(tmp_path / "run" / "final")
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert not frozen & set(state), "a checkpoint must not hold the frozen backbone"
@@ -49,7 +49,7 @@ def test_training_writes_checkpoints_and_loadable_models(tmp_path, tiny_data):
 
 def test_partial_checkpoints_never_look_valid(tmp_path):
     (tmp_path / "checkpoint-00000004.tmp-123").mkdir()
-    (tmp_path / "checkpoint-00000004.tmp-123" / "trainable.safetensors").write_bytes(b"partial")
+    (tmp_path / "checkpoint-00000004.tmp-123" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / "checkpoint-00000006").mkdir()  # renamed but no COMPLETE marker: not valid either
     assert checkpointing.latest_checkpoint(tmp_path) is None
 
@@ -114,7 +114,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
         train(cfg, model=model, datasets=tiny_data)
     latest = checkpointing.latest_checkpoint(tmp_path / "run")
     assert latest is not None
-    state = load_file(str(latest / "trainable.safetensors"))
+    state = load_file(str(latest / "model.safetensors"))
     assert all(torch.isfinite(v.float()).all() for v in state.values())
     assert json.loads((latest / "progress.json").read_text())["global_step"] <= 7
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .imageops import CLIP_MEAN, CLIP_STD, decode_image, letterbox_image, letterbox_mask, letterbox_matrices
 from .masks import decode_rle
+from .sentences import sentence_index
 
 __all__ = ["build_letterbox_cache", "LetterboxCache", "DeviceNormalizer", "normalization_lut"]
 
@@ -223,7 +224,7 @@ def build_letterbox_cache(
 class LetterboxCache(torch.utils.data.Dataset):
     """A map-style dataset over a cache: uint8 ``pixel_values`` [3, S, S], uint8 ``labels`` [S, S], ``input_ids``.
 
-    ``train=True`` picks one random sentence per item (seeded; re-seeded per DataLoader worker).
+    ``train=True`` picks one sentence per item with the trainers' sampler (``sentence_index(n, seed, epoch, i)``).
     ``train=False`` yields ``sentence_index`` = 0 (use :meth:`sentence_items` for all sentences).
     Normalise batches on the device with :class:`DeviceNormalizer`.
     """
@@ -247,19 +248,13 @@ class LetterboxCache(torch.utils.data.Dataset):
         self.size = int(self.meta["size"])
         self.train = train
         self.seed = seed
-        self._rng = None
-        self._rng_key = None
+        self.epoch = 0
 
     def __len__(self):
         return len(self.row_image)
 
-    def _generator(self):
-        info = torch.utils.data.get_worker_info()
-        key = None if info is None else (info.id, info.seed)
-        if self._rng is None or key != self._rng_key:
-            self._rng = np.random.default_rng([self.seed] if info is None else [self.seed, int(info.seed) % (2**63)])
-            self._rng_key = key
-        return self._rng
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
 
     def mask(self, i: int) -> np.ndarray:
         off, y0, x0, h, w = (int(v) for v in self.mask_index[i])
@@ -279,7 +274,7 @@ class LetterboxCache(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         n = int(self.sent_offsets[i + 1] - self.sent_offsets[i])
-        j = int(self._generator().integers(n)) if self.train else 0
+        j = sentence_index(n, self.seed, self.epoch, i) if self.train else 0
         return self.item(i, j)
 
     def sentence_items(self):

@@ -418,8 +418,12 @@ def _split_rows(args):
     return rows
 
 
-def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, **overrides) -> DatasetDict:
-    """Generate the RefShapes DatasetDict (``train``, ``validation``, ``test``); same config -> same bytes."""
+def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, progress: bool = False,
+                    **overrides) -> DatasetDict:
+    """Generate the RefShapes DatasetDict (``train``, ``validation``, ``test``); same config -> same bytes.
+    ``progress`` shows a bar counting the generated scenes."""
+    from tqdm.auto import tqdm
+
     cfg = cfg or RefShapesConfig(**overrides)
     if overrides and cfg is not None and not isinstance(cfg, RefShapesConfig):
         raise TypeError("cfg must be a RefShapesConfig")
@@ -431,13 +435,20 @@ def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, **ove
         n = counts[split]
         step = max(1, math.ceil(n / max(1, num_proc * 4)))
         jobs += [(cfg_dict, split, s, min(n, s + step), bases[split]) for s in range(0, n, step)]
+    bar = tqdm(total=sum(counts.values()), desc="RefShapes scenes", unit="scene", disable=not progress)
+    parts = []
     if num_proc > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(num_proc) as pool:
-            parts = pool.map(_split_rows, jobs)
+            for job, rows in zip(jobs, pool.imap(_split_rows, jobs)):
+                parts.append(rows)
+                bar.update(job[3] - job[2])
     else:
-        parts = [_split_rows(j) for j in jobs]
+        for job in jobs:
+            parts.append(_split_rows(job))
+            bar.update(job[3] - job[2])
+    bar.close()
     feats = refshapes_features()
     by_split = {s: [] for s in SPLITS}
     for (_, split, *_), rows in zip(jobs, parts):
