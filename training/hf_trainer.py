@@ -1,6 +1,6 @@
 """Train DETRIS with `transformers.Trainer`: the same model, data, recipe and outputs as `training.train`.
 
-    detris train --config refcoco-base --trainer hf          # or: python -m training.hf_trainer --config ...
+    detris train --config refcoco-base --trainer hf
 
 `trainer_arguments` turns the recipe into `TrainingArguments` with the same effective batch as the accelerate loop
 (the total batch divided over processes and accumulation steps, `training.recipes.batch_plan`), the same logging
@@ -21,8 +21,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from training.data.sentences import OneSentencePerObject
 from training.evaluation import eval_loader, evaluate_model, sentence_view
+from training.parts import TrainingSetupError, build_model, build_optimizer, build_processor, json_settings, load_datasets
 from training.recipes import TrainingConfig, batch_plan, changed_settings, uses_sync_batchnorm
-from training.train import TrainingSetupError, build_model, build_optimizer, build_processor, json_settings, load_datasets
 
 
 class _EpochSetter(TrainerCallback):
@@ -172,13 +172,5 @@ def train_with_trainer(recipe: TrainingConfig, datasets=None, **argument_overrid
         lock.release()
 
 
-def main(argv=None) -> int:
-    """`python -m training.hf_trainer ...` = `detris train --trainer hf ...`."""
-    from training.train import main as train_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return train_main(argv + ["--trainer", "hf"])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("the Trainer path runs as: detris train --config RECIPE --trainer hf (or python -m training.train ... --trainer hf)")

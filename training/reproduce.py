@@ -10,7 +10,7 @@
 4. evaluates every split with the official protocol (`detris eval`: every expression, masks at the original image
    size, threshold 0.35);
 5. writes `reproduction.md` and `reproduction.json`: for mIoU and for oIoU, our numbers beside the authors'
-   (`hub_card.reported`), the difference per cell and a pass mark when it is within ±0.3 points.
+   (the release table of reported numbers), the difference per cell and a pass mark when it is within ±0.3 points.
 
 Every step keeps its output (`data/`, `models/`, `eval/`), so a run that stops resumes where it was; `--overwrite`
 redoes everything. docs/reproduce.md has the recipe and what to expect.
@@ -21,9 +21,8 @@ import gc
 import json
 import math
 import sys
+from importlib import import_module
 from pathlib import Path
-
-import torch
 
 # dataset key -> (refer dataset, split_by, the splits the paper evaluates)
 EVAL_SETS = {
@@ -37,6 +36,12 @@ TOLERANCE = 0.3  # points of percent
 METRICS = ("mIoU", "oIoU")
 VARIANT_NAMES = {"base": "DETRIS-B", "large": "DETRIS-L", "large-mixed": "DETRIS-L*"}
 PASS, FAIL = "✓", "✗"
+
+
+def reported_table():
+    """The numbers the authors report (REPORTED_COLUMNS, REPORTED_SPLITS, reported_cells, reported_value), read by
+    module name: training does not import the Hub package."""
+    return import_module("hub_card.reported")
 
 
 def variant_from_name(path) -> str | None:
@@ -118,6 +123,7 @@ def convert(checkpoint: dict, output: Path, config=None, overwrite=False, log=pr
 def evaluate(model_dir: Path, data, splits, output: Path, device: str, dtype: str, batch_size: int,
              max_samples=None, grid: int = 0, overwrite=False) -> dict:
     """`detris eval` of `splits` (every expression); results kept in `output/results.json`."""
+    import torch
     from transformers import AutoModel, AutoProcessor
 
     import modeling_detris  # noqa: F401
@@ -146,8 +152,8 @@ def compare(measured: dict, tolerance: float = TOLERANCE) -> list[dict]:
     """One cell per (variant, dataset, split, metric) the authors report for the variants in `measured`
     (`{variant: {dataset: {split: metrics as fractions}}}`): paper, ours (percent), difference and pass mark.
     A cell we did not measure has `ours` None and no pass mark."""
-    from hub_card.reported import reported_cells, reported_value
-
+    reported = reported_table()
+    reported_cells, reported_value = reported.reported_cells, reported.reported_value
     cells = []
     for variant in sorted(measured, key=list(VARIANT_NAMES).index):
         for metric in METRICS:
@@ -174,8 +180,8 @@ def _number(value, signed=False) -> str:
 def markdown_tables(cells: list[dict], tolerance: float = TOLERANCE) -> str:
     """For each metric, the paper's layout (one column per split, plus the average over the cells measured): per
     variant the authors' row, ours, and the difference with its pass mark."""
-    from hub_card.reported import REPORTED_COLUMNS, REPORTED_SPLITS
-
+    reported = reported_table()
+    REPORTED_COLUMNS, REPORTED_SPLITS = reported.REPORTED_COLUMNS, reported.REPORTED_SPLITS  # noqa: N806
     blocks = []
     for metric in METRICS:
         header = "| model | " + " | ".join(REPORTED_SPLITS) + " | Avg |"
@@ -219,6 +225,8 @@ def markdown_tables(cells: list[dict], tolerance: float = TOLERANCE) -> str:
 # ----- the command ------------------------------------------------------------------------------------------------
 def reproduce(official_dir, refer_root, images_root, output, device=None, dtype="float32", batch_size=16,
               max_samples=None, grid=0, config=None, overwrite=False, tolerance=TOLERANCE, progress=True, log=print) -> dict:
+    import torch
+
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

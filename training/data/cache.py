@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from training.folders import atomic_folder
 
 from .imageops import CLIP_MEAN, CLIP_STD, decode_image, letterbox_image, letterbox_mask, letterbox_matrices
 from .masks import decode_rle
@@ -51,10 +51,11 @@ def _processor_size(processor, default: int = 448) -> int:
             if isinstance(v, int):
                 return v
         size = getattr(obj, "size", None)
-        if isinstance(size, dict) and size.get("height"):
-            return int(size["height"])
         if isinstance(size, int):
             return size
+        height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)  # dict or SizeDict
+        if height:
+            return int(height)
     return default
 
 
@@ -138,16 +139,12 @@ def build_letterbox_cache(
 
     ``processor`` (optional) tokenises every sentence once and fixes the input size; the letterbox is
     the official one (:mod:`training.data.imageops`), which the tests check against the processor.
-    The cache is written to a temporary folder and renamed, so a failure leaves nothing half-written.
+    The cache is written whole or not at all (``training.folders.atomic_folder``).
     """
     size = int(size or (_processor_size(processor) if processor is not None else 448))
     cache_dir = os.path.abspath(cache_dir)
-    if os.path.exists(cache_dir) and not overwrite:
-        raise FileExistsError(f"{cache_dir} already exists; pass overwrite=True to rebuild it")
-    parent = os.path.dirname(cache_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(cache_dir) + ".tmp-", dir=parent)
-    try:
+    with atomic_folder(cache_dir, overwrite=overwrite) as staging:
+        tmp = str(staging)
         n = len(ds)
         keys = {}
         row_image = np.empty(n, np.int64)
@@ -212,12 +209,6 @@ def build_letterbox_cache(
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump({"version": CACHE_VERSION, "size": size, "n_rows": n, "n_images": len(keys),
                        "n_sentences": len(sentences), "word_len": word_len}, fh)
-        if os.path.exists(cache_dir):
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cache_dir
 
 

@@ -31,11 +31,9 @@ colour, rgb, size class, centre, radius, visible area and visible-mask RLE).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -497,46 +495,3 @@ def text_blind_baseline(ds: Dataset) -> dict:
                   "oIoU": float(a["I"] / (a["U"] + 1e-6)), "n": len(a["iou"])}
     out["best"] = max((k for k in acc), key=lambda k: out[k]["mIoU"])
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_refshapes_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-validation", type=int, default=250)
-    p.add_argument("--n-test", type=int, default=250)
-    p.add_argument("--num-proc", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def run_from_args(args) -> int:
-    from .rows import save_atomic
-
-    t0 = time.perf_counter()
-    cfg = RefShapesConfig(seed=args.seed, image_size=args.image_size, n_train=args.n_train,
-                          n_validation=args.n_validation, n_test=args.n_test)
-    dd = build_refshapes(cfg, num_proc=args.num_proc)
-    dt = time.perf_counter() - t0
-    save_atomic(dd, args.output, overwrite=args.overwrite)
-    print(f"RefShapes: {', '.join(f'{k} {len(v)} refs' for k, v in dd.items())}; generated in {dt:.1f} s -> {args.output}")
-    for split in ("validation", "test"):
-        if split in dd:
-            b = text_blind_baseline(dd[split])
-            print(f"text-blind baseline ({split}): " + ", ".join(
-                f"{k} mIoU {b[k]['mIoU']:.3f} oIoU {b[k]['oIoU']:.3f}" for k in ("all_shapes", "largest_shape", "random_shape")))
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="detris data refshapes", description="Generate the RefShapes dataset")
-    return run_from_args(add_refshapes_arguments(p).parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from numbers import Real
 
@@ -205,23 +203,14 @@ def check_split_sizes(dd: DatasetDict, key: tuple[str, str], check: bool | str =
     return msgs
 
 
-def save_atomic(dd, output: str, overwrite: bool = False, num_proc: int | None = None) -> str:
-    """``save_to_disk`` into a temporary sibling folder, then rename; a failure leaves ``output`` untouched."""
+def save_atomic(dd, output: str, overwrite: bool = False, num_proc: int | None = None, extra: dict | None = None) -> str:
+    """``save_to_disk`` of ``dd`` (and of each ``extra`` {subfolder: dataset}) written whole or not at all
+    (``training.folders.atomic_folder``); a failure leaves ``output`` untouched."""
+    from training.folders import atomic_folder
+
     output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".tmp-", dir=parent)
-    try:
-        dd.save_to_disk(os.path.join(tmp, "data"), num_proc=num_proc)
-        if os.path.exists(output):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".old-", dir=parent)
-            os.replace(output, os.path.join(old, "x"))
-            os.replace(os.path.join(tmp, "data"), output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(os.path.join(tmp, "data"), output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(output, overwrite=overwrite) as staging:
+        dd.save_to_disk(str(staging), num_proc=num_proc)
+        for name, data in (extra or {}).items():
+            data.save_to_disk(os.path.join(staging, name), num_proc=num_proc)
     return output
