@@ -112,7 +112,7 @@ def _custom_folder(fx, root):
 def test_custom_folder_matches_refer_path(fx, tmp_path):
     root = str(tmp_path / "custom")
     _custom_folder(fx, root)
-    dd = load_custom_folder(root, dataset_name="refcoco", progress=False)
+    dd = load_custom_folder(root, dataset_name="refcoco", progress=False, allow_absolute_paths=True)
     assert dd["train"].features == fx["reference"]["train"].features
     ref = _rows(fx["reference"])
     got = _rows(dd)

@@ -83,7 +83,7 @@ def _run_custom(args):
     from .custom import load_custom_folder
 
     dd = load_custom_folder(args.root, dataset_name=args.name, image_mode=args.image_mode,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, allow_absolute_paths=args.allow_absolute_paths)
     return _finish(dd, args)
 
 
@@ -175,6 +175,8 @@ def add_data_subcommands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("custom", help="a custom folder (images + *.jsonl, see docs/data.md)")
     p.add_argument("--root", required=True)
     p.add_argument("--name", default="custom", help="value of the dataset column")
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept absolute image/mask paths in the JSONL (relative paths must stay inside --root)")
     _common_output(p)
     p.set_defaults(func=_run_custom)
 
