@@ -444,3 +444,26 @@ def test_trainer_path_is_a_full_peer(tmp_path, tiny_data, monkeypatch):
     help_text = subprocess.run([sys.executable, "-m", "training.cli", "train", "--help"], cwd=ROOT, capture_output=True,
                                text=True).stdout
     assert "--trainer {accelerate,hf}" in help_text
+
+
+def test_both_trainers_read_the_letterbox_cache_with_identical_results(tmp_path, tiny_data):
+    from training.cli import main as cli
+    from training.hf_trainer import build_trainer, trainer_arguments
+    from training.train import build_processor
+
+    processor_dir = tmp_path / "processor"
+    build_processor(build_model(tiny_recipe(tmp_path))).save_pretrained(processor_dir)
+    tiny_data.save_to_disk(str(tmp_path / "data"))
+    assert cli(["data", "cache", "--dataset-dir", str(tmp_path / "data"), "--split", "train", "--processor",
+                str(processor_dir), "--output", str(tmp_path / "cache"), "--no-progress"]) == 0
+    finals = []
+    for name, cache in (("plain", None), ("cached", str(tmp_path / "cache"))):
+        train(tiny_recipe(tmp_path / name, epochs=1, eval_split=None, letterbox_cache=cache), datasets=tiny_data)
+        finals.append(load_file(str(tmp_path / name / "final" / "model.safetensors")))
+    for key in finals[0]:
+        torch.testing.assert_close(finals[1][key], finals[0][key], rtol=0, atol=0, msg=key)
+    recipe = tiny_recipe(tmp_path / "hf", epochs=1, letterbox_cache=str(tmp_path / "cache"))
+    trainer = build_trainer(recipe, trainer_arguments(recipe, use_cpu=True), datasets=tiny_data)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["pixel_values"].dtype == torch.float32 and batch["labels"].dtype == torch.float32
+    assert batch["input_ids"].shape[-1] == recipe.model_config["word_len"]

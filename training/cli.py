@@ -1,4 +1,5 @@
-"""The `detris` command: a thin dispatcher. Each subcommand lives with the package it serves."""
+"""The `detris` command: a thin dispatcher. Each subcommand lives with the package it serves and is imported by its
+module name only when it runs."""
 
 import sys
 
@@ -9,7 +10,7 @@ commands:
   provenance compare a base folder's frozen backbones with the public DINOv2 / CLIP weights (modeling_detris.provenance)
   info       parameter counts of a preset or a saved model (modeling_detris.info)
   data       build datasets: refer | hub | custom | refshapes | cache (training.data.cli)
-  train      train adapters + head with accelerate (training.train)
+  train      train adapters + head: accelerate loop, or transformers.Trainer with --trainer hf (training.train)
   eval       official evaluation: mIoU / oIoU / Pr@X tables and prediction grids (training.evaluation)
   demo       the end-to-end demo run by `make demo` (training.demo)
   bench      throughput, memory and FLOP utilisation on this machine, CPU or CUDA (benchmarks.bench_model)

@@ -19,9 +19,16 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from training.data.sentences import OneSentencePerObject
 from training.evaluation import eval_loader, evaluate_model, sentence_view
-from training.parts import TrainingSetupError, build_model, build_optimizer, build_processor, json_settings, load_datasets
+from training.parts import (
+    TrainingSetupError,
+    build_model,
+    build_optimizer,
+    build_processor,
+    json_settings,
+    load_datasets,
+    training_rows,
+)
 from training.recipes import TrainingConfig, batch_plan, changed_settings, uses_sync_batchnorm
 
 
@@ -79,18 +86,16 @@ def build_trainer(recipe: TrainingConfig, args: TrainingArguments, model=None, d
     if uses_sync_batchnorm("cuda" if torch.cuda.is_available() else "cpu", args.world_size):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     processor = build_processor(model)
-    rows = OneSentencePerObject(datasets[recipe.train_split], recipe.seed)
+    rows, collate = training_rows(recipe, datasets, processor)
     eval_view = None
     if recipe.eval_split and recipe.eval_split in datasets:
         eval_view = sentence_view(datasets[recipe.eval_split], recipe.eval_sentences, recipe.max_eval_samples)
-    from training.data import DetrisDataCollator
-
     return DetrisTrainer(
         model=model,
         args=args,
         train_dataset=rows,
         eval_dataset=eval_view,
-        data_collator=DetrisDataCollator(processor, train=True),
+        data_collator=collate,
         processing_class=processor,  # saved beside every checkpoint and the final model
         callbacks=[_EpochSetter(rows)],
         recipe=recipe,

@@ -150,3 +150,42 @@ def json_settings(cfg: TrainingConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict(), default=str))
 
 
+
+
+class CachedBatches:
+    """Collate uint8 items of a `LetterboxCache` and normalise them as the processor does (bit-identical inputs)."""
+
+    def __init__(self, normalizer):
+        self.normalizer = normalizer
+
+    def __call__(self, items):
+        from training.data.cache import LetterboxCache
+
+        return self.normalizer(LetterboxCache.collate(items))
+
+
+def training_rows(cfg: TrainingConfig, datasets, processor):
+    """(training dataset with `set_epoch`, collate function), the same for both trainers: the object rows with one
+    sentence each through the processor, or, with `letterbox_cache`, the uint8 cache of the same rows (same
+    sentences, bit-identical tensors, no image decoding at train time)."""
+    rows = datasets[cfg.train_split]
+    if not cfg.letterbox_cache:
+        from training.data.collate import DetrisDataCollator
+        from training.data.sentences import OneSentencePerObject
+
+        return OneSentencePerObject(rows, cfg.seed), DetrisDataCollator(processor, train=True)
+    from training.data.cache import DeviceNormalizer, LetterboxCache
+
+    folder = Path(cfg.letterbox_cache)
+    if not (folder / "meta.json").is_file():
+        raise TrainingSetupError(f"letterbox_cache {cfg.letterbox_cache!r} is not a cache folder (no meta.json); "
+                                 f"expected the output of `detris data cache --split {cfg.train_split} --processor ...`")
+    cache = LetterboxCache(str(folder), train=True, seed=cfg.seed)
+    size = processor.image_processor.size
+    size = size if isinstance(size, int) else (size.get("height") if isinstance(size, dict) else size.height)
+    if len(cache) != len(rows) or cache.size != size or cache.input_ids is None:
+        raise TrainingSetupError(
+            f"letterbox_cache {cfg.letterbox_cache!r} holds {len(cache)} rows at {cache.size} px"
+            f"{'' if cache.input_ids is not None else ' without token ids'}; expected the {len(rows)} rows of split "
+            f"{cfg.train_split!r} at the model's {size} px, built with --processor")
+    return cache, CachedBatches(DeviceNormalizer.from_processor(processor, size))

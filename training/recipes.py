@@ -58,6 +58,9 @@ class TrainingConfig:
     eval_sentences: str = "first"  # official validation: first sentence of each object; "all" = official test
     max_eval_samples: int | None = None
     num_workers: int = 0
+    # a folder of `detris data cache` for train_split: uint8 letterboxed images, masks and token ids read instead of
+    # decoding images at every step (same tensors, bit for bit)
+    letterbox_cache: str | None = None
 
     # optimisation
     epochs: int = 65

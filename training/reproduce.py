@@ -287,7 +287,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.tolerance < 0 or not math.isfinite(args.tolerance):
-        raise ValueError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+        print(f"detris reproduce: --tolerance must be a finite number >= 0, got {args.tolerance}", file=sys.stderr)
+        return 2
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     report = reproduce(args.official_dir, args.refer_root, args.images_root, args.output, args.device, args.dtype,
                        args.batch_size, args.max_samples, args.grid, args.config, args.overwrite, args.tolerance,

@@ -30,6 +30,7 @@ from training.parts import (  # noqa: F401  (build_model etc. are also this modu
     build_scheduler,
     json_settings,
     load_datasets,
+    training_rows,
 )
 from training.recipes import TrainingConfig, batch_plan, changed_settings, load_training_config, uses_sync_batchnorm
 
@@ -75,8 +76,7 @@ def _train(accelerator, cfg, model, datasets, torch) -> dict:
     from tqdm.auto import tqdm
 
     from training import checkpointing
-    from training.data import DetrisDataCollator
-    from training.data.sentences import EpochShuffleSampler, OneSentencePerObject
+    from training.data.sentences import EpochShuffleSampler
     from training.evaluation import eval_loader, evaluate_model, sentence_view
 
     output_dir = Path(cfg.output_dir)
@@ -93,11 +93,11 @@ def _train(accelerator, cfg, model, datasets, torch) -> dict:
     processor = build_processor(model)
     if uses_sync_batchnorm(accelerator.device.type, processes):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_rows = OneSentencePerObject(datasets[cfg.train_split], cfg.seed)
+    train_rows, collate = training_rows(cfg, datasets, processor)
     sampler = EpochShuffleSampler(len(train_rows), cfg.seed)
     train_loader = DataLoader(
         train_rows, batch_size=per_device, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
-        collate_fn=DetrisDataCollator(processor, train=True),
+        collate_fn=collate,
     )
     val_loader = None
     if cfg.eval_split and cfg.eval_split in datasets:
