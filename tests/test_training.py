@@ -52,7 +52,11 @@ def test_partial_checkpoints_never_look_valid(tmp_path):
     (tmp_path / "checkpoint-00000004.tmp-123").mkdir()
     (tmp_path / "checkpoint-00000004.tmp-123" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / "checkpoint-00000006").mkdir()  # renamed but no COMPLETE marker: not valid either
+    (tmp_path / ".checkpoint-00000008.partial").mkdir()  # a staging folder, complete or not
+    (tmp_path / ".checkpoint-00000008.partial" / "COMPLETE").write_text("ok\n")
     assert checkpointing.latest_checkpoint(tmp_path) is None
+    checkpointing.prune_checkpoints(tmp_path, keep=2)  # a later checkpoint write removes what a killed run left
+    assert not (tmp_path / ".checkpoint-00000008.partial").exists()
 
 
 def _write_recipe(path: Path, output_dir: Path, **overrides):

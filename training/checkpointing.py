@@ -120,8 +120,11 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 
 def prune_checkpoints(output_dir, keep: int):
+    """Keep the newest `keep` checkpoints; remove staging folders a killed run left (call under the run's lock)."""
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in Path(output_dir).glob(f".{PREFIX}*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _safe_load(path: Path):
