@@ -13,7 +13,6 @@ refused. A newest checkpoint that fails these checks is reported by file and the
 """
 
 import json
-import os
 import random
 import re
 import shutil
@@ -79,28 +78,23 @@ def checkpoint_path(output_dir, step: int) -> Path:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, progress: dict, settings: dict) -> Path:
-    """Write `checkpoint-<step>` with `accelerator.save_state` (call on every process)."""
-    final = checkpoint_path(output_dir, step)
-    staging = final.parent / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        from training.folders import fsync_path, fsync_tree
+    """Write `checkpoint-<step>` with `accelerator.save_state` (call on every process): the main process owns the
+    staging folder (`training.folders.atomic_folder`), every process writes its part into it, and it is renamed once
+    all are done."""
+    import contextlib
 
-        (staging / PROGRESS).write_text(json.dumps(progress, indent=2))
-        (staging / SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
-        fsync_tree(staging)
-        (staging / COMPLETE).write_text("ok\n")
-        fsync_tree(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_path(final.parent)
+    from training.folders import atomic_folder, staging_path
+
+    final = checkpoint_path(output_dir, step)
+    main = accelerator.is_main_process
+    with atomic_folder(final, overwrite=True) if main else contextlib.nullcontext(staging_path(final)) as staging:
+        accelerator.wait_for_everyone()  # the staging folder exists
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()  # every process wrote its files
+        if main:
+            (staging / PROGRESS).write_text(json.dumps(progress, indent=2))
+            (staging / SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
+            (staging / COMPLETE).write_text("ok\n")
     accelerator.wait_for_everyone()
     return final
 
