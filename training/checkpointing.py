@@ -143,10 +143,11 @@ def verify_checkpoint(path, expected_keys: set[str], num_processes: int) -> dict
             keys = set(handle.keys())
             for key in keys:
                 handle.get_tensor(key)
-        for name in ("optimizer.bin", "scheduler.bin") + tuple(f"random_states_{r}.pkl" for r in range(num_processes)):
+        optional = ("scaler.pt",) + tuple(f"random_states_{r}.pkl" for r in range(num_processes))
+        for name in ("optimizer.bin", "scheduler.bin") + optional:
             current = path / name
-            if name.startswith("random_states") and not current.exists():
-                continue  # accelerate then keeps the current RNG; our own resume restores it from rank 0 below
+            if name in optional and not current.exists():
+                continue  # no fp16 scaler; or a run on more processes than the checkpoint's (their RNG is not restored)
             _safe_load(current)
         current = path / PROGRESS
         progress = json.loads(current.read_text())

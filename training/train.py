@@ -38,7 +38,6 @@ from training.recipes import TrainingConfig, batch_plan, changed_settings, load_
 # ----- the loop -------------------------------------------------------------------------------------------------
 def train(cfg: TrainingConfig, model=None, datasets=None) -> dict:
     """Run (or resume) a training; returns a summary with the history and the best validation metrics."""
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
@@ -65,12 +64,13 @@ def train(cfg: TrainingConfig, model=None, datasets=None) -> dict:
     if refusal[0] is not None:
         raise FolderInUseError(refusal[0])
     try:
-        return _train(accelerator, cfg, model, datasets, torch)
+        return _train(accelerator, cfg, model, datasets)
     finally:
         lock.release()
 
 
-def _train(accelerator, cfg, model, datasets, torch) -> dict:
+def _train(accelerator, cfg, model, datasets) -> dict:
+    import torch
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -113,42 +113,13 @@ def _train(accelerator, cfg, model, datasets, torch) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     settings = json_settings(cfg)
 
-    progress = {"epoch": 0, "step_in_epoch": 0, "samples_in_epoch": 0, "global_step": 0, "best_miou": -1.0,
-                "history": [], "settings_changes": []}
-    skip = 0
-    pending_rng = None
+    progress, skip, pending_rng = {"epoch": 0, "step_in_epoch": 0, "samples_in_epoch": 0, "global_step": 0,
+                                   "best_miou": -1.0, "history": [], "settings_changes": []}, 0, None
     if cfg.resume:
-        expected = set(checkpointing.trainable_state_dict(unwrapped))
-        resume_from, saved_progress = checkpointing.newest_usable_checkpoint(
-            output_dir, expected, processes, log=accelerator.print)
-        if resume_from is not None:
-            saved_settings = json.loads((resume_from / checkpointing.SETTINGS).read_text())
-            changed = changed_settings(saved_settings, settings)
-            if changed and not cfg.allow_changed_settings:
-                raise TrainingSetupError(
-                    f"{resume_from} was written with other settings: {changed} differ "
-                    f"({', '.join(f'{k}: {saved_settings.get(k)!r} -> {settings.get(k)!r}' for k in changed[:6])}); "
-                    "expected the same recipe to resume. Set allow_changed_settings=true (--allow-changed-settings) "
-                    "to continue with the new values, or use another output_dir"
-                )
-            checkpointing.load_checkpoint(accelerator, resume_from, unwrapped)
-            progress = saved_progress
-            batch_samples = per_device * processes
-            if progress["samples_in_epoch"] % batch_samples:
-                raise TrainingSetupError(
-                    f"{resume_from} stopped after {progress['samples_in_epoch']} samples of epoch "
-                    f"{progress['epoch'] + 1}, not a multiple of this run's {batch_samples} samples per step "
-                    f"({per_device} per device x {processes} process(es)); expected a batch size that divides it"
-                )
-            skip = progress["samples_in_epoch"] // batch_samples
-            progress["step_in_epoch"] = skip
-            if changed:
-                apply_recipe(optimizer, scheduler, cfg)
-                progress["settings_changes"].append({"global_step": progress["global_step"], "changed": {
-                    k: [saved_settings.get(k), settings.get(k)] for k in changed}})
-                accelerator.print(f"resuming with changed settings {changed} (allow_changed_settings)")
+        resumed = _resume(accelerator, cfg, unwrapped, optimizer, scheduler, settings, per_device)
+        if resumed is not None:
+            progress, skip = resumed
             pending_rng = checkpointing.rng_state()  # as restored by load_state
-            accelerator.print(f"resumed from {resume_from} (epoch {progress['epoch'] + 1}, step {skip})")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_config.json").write_text(json.dumps(settings, indent=2))
@@ -225,6 +196,44 @@ def _train(accelerator, cfg, model, datasets, torch) -> dict:
         accelerator.end_training()  # destroys the process group: nothing collective may follow
     return {"output_dir": str(output_dir), "best_miou": progress["best_miou"], "history": progress["history"],
             "num_processes": processes, "effective_batch_size": effective}
+
+
+def _resume(accelerator, cfg, model, optimizer, scheduler, settings, per_device):
+    """Load the newest usable checkpoint of `cfg.output_dir` (None when there is none): (progress, batches of this run
+    to skip in the resumed epoch). Changed settings are refused unless allowed, then applied and recorded."""
+    from training import checkpointing
+
+    processes = accelerator.num_processes
+    expected = set(checkpointing.trainable_state_dict(model))
+    path, progress = checkpointing.newest_usable_checkpoint(cfg.output_dir, expected, processes, log=accelerator.print)
+    if path is None:
+        return None
+    saved = json.loads((path / checkpointing.SETTINGS).read_text())
+    changed = changed_settings(saved, settings)
+    if changed and not cfg.allow_changed_settings:
+        raise TrainingSetupError(
+            f"{path} was written with other settings: {changed} differ "
+            f"({', '.join(f'{k}: {saved.get(k)!r} -> {settings.get(k)!r}' for k in changed[:6])}); expected the same "
+            "recipe to resume. Set allow_changed_settings=true (--allow-changed-settings) to continue with the new "
+            "values, or use another output_dir"
+        )
+    batch_samples = per_device * processes
+    if progress["samples_in_epoch"] % batch_samples:
+        raise TrainingSetupError(
+            f"{path} stopped after {progress['samples_in_epoch']} samples of epoch {progress['epoch'] + 1}, not a "
+            f"multiple of this run's {batch_samples} samples per step ({per_device} per device x {processes} "
+            "process(es)); expected a batch size that divides it"
+        )
+    checkpointing.load_checkpoint(accelerator, path, model)
+    skip = progress["samples_in_epoch"] // batch_samples
+    progress["step_in_epoch"] = skip
+    if changed:
+        apply_recipe(optimizer, scheduler, cfg)
+        progress["settings_changes"].append(
+            {"global_step": progress["global_step"], "changed": {k: [saved.get(k), settings.get(k)] for k in changed}})
+        accelerator.print(f"resuming with changed settings {changed} (allow_changed_settings)")
+    accelerator.print(f"resumed from {path} (epoch {progress['epoch'] + 1}, step {skip})")
+    return progress, skip
 
 
 def _use_cpu_processes() -> bool:
