@@ -33,7 +33,7 @@ def _rows(dd):
 
 
 def _write_jxu124_parquet(fx, out_dir):
-    """A local parquet copy with the jxu124/refcoco schema (ECOSYSTEM.md §4.1)."""
+    """A local parquet copy with the jxu124/refcoco schema (docs/data.md, "From the Hub parquet copies")."""
     import pickle
 
     refs = pickle.loads(open(os.path.join(fx["refer_root"], "refcoco", "refs(unc).p"), "rb").read(), encoding="latin1")

@@ -1,4 +1,4 @@
-"""Image decoding and the official DETRIS letterbox (ARCHITECTURE.md §3.1, §3.3), in uint8.
+"""Image decoding and the official DETRIS letterbox (docs/data.md), in uint8.
 
 These are the pixel operations the data pipeline needs outside the processor
 (the uint8 cache and the official-style benchmark baseline).  The processor
