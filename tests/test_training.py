@@ -471,3 +471,16 @@ def test_both_trainers_read_the_letterbox_cache_with_identical_results(tmp_path,
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values"].dtype == torch.float32 and batch["labels"].dtype == torch.float32
     assert batch["input_ids"].shape[-1] == recipe.model_config["word_len"]
+
+
+def test_both_trainers_take_batch_and_logging_from_the_same_recipe(tmp_path, monkeypatch):
+    from training.hf_trainer import trainer_arguments
+    from training.recipes import batch_plan
+
+    recipe = tiny_recipe(tmp_path, total_batch_size=8, gradient_accumulation_steps=2, log_with="tensorboard",
+                         log_every_steps=7, max_grad_norm=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = trainer_arguments(recipe)
+    assert batch_plan(recipe, 2) == (2, 8)  # the total batch divided over 2 processes x 2 accumulation steps
+    assert args.per_device_train_batch_size == 2 and args.gradient_accumulation_steps == 2
+    assert args.report_to == ["tensorboard"] and args.logging_steps == 7 and args.max_grad_norm == 0
