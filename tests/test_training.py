@@ -484,3 +484,16 @@ def test_both_trainers_take_batch_and_logging_from_the_same_recipe(tmp_path, mon
     assert batch_plan(recipe, 2) == (2, 8)  # the total batch divided over 2 processes x 2 accumulation steps
     assert args.per_device_train_batch_size == 2 and args.gradient_accumulation_steps == 2
     assert args.report_to == ["tensorboard"] and args.logging_steps == 7 and args.max_grad_norm == 0
+
+
+def test_recipe_mistakes_at_the_command_line_end_in_one_line(tmp_path, capsys):
+    from training.train import main
+
+    recipe = _write_recipe(tmp_path / "r.yaml", tmp_path / "run")
+    for arguments in (["--set", "max_grad_norm=-1"], ["--set", "no_such_setting=1"], ["--set", "log_every_steps=0"]):
+        assert main(["--config", str(recipe), *arguments]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("detris train:") and len(error.splitlines()) == 1, error
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not a file, and not a preset" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
