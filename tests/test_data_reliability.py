@@ -168,6 +168,14 @@ def test_cache_size_comes_from_the_processor(tmp_path):
     from training.data.refshapes import RefShapesConfig, build_refshapes
 
     rows = build_refshapes(RefShapesConfig(seed=1, n_train=1, n_validation=0, n_test=0))["train"]
-    build_letterbox_cache(rows, str(tmp_path / "cache"), processor=DetrisProcessor(DetrisImageProcessor(size={"height": 224, "width": 224})),
-                          progress=False)
+    previous = os.umask(0o022)
+    try:
+        build_letterbox_cache(rows, str(tmp_path / "cache"), processor=DetrisProcessor(DetrisImageProcessor(
+            size={"height": 224, "width": 224})), progress=False)
+        assert data_main(["refshapes", "--output", str(tmp_path / "rs"), "--n-train", "2", "--n-validation", "1",
+                          "--n-test", "1", "--no-progress"]) == 0
+    finally:
+        os.umask(previous)
     assert LetterboxCache(str(tmp_path / "cache")).images.shape[-1] == 224
+    for folder in ("cache", "rs"):  # written folders follow the umask (others can read a shared data folder)
+        assert os.stat(tmp_path / folder).st_mode & 0o777 == 0o755, folder
