@@ -4,6 +4,7 @@ and `detris eval`."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,7 +242,7 @@ def _checkpointed_run(tmp_path, tiny_data, **overrides):
     return cfg
 
 
-def test_resume_never_unpickles_code(tmp_path, tiny_data):
+def test_resume_never_unpickles_code(tmp_path, tiny_data, capsys):
     cfg = _checkpointed_run(tmp_path, tiny_data)
     marker = tmp_path / "code-ran"
     for checkpoint in checkpointing.list_checkpoints(tmp_path / "run"):
@@ -249,10 +250,17 @@ def test_resume_never_unpickles_code(tmp_path, tiny_data):
             if item.suffix in (".pt", ".bin", ".pkl"):
                 torch.save({"state": _RunsCode(str(marker))}, item)
         torch.save(_RunsCode(str(marker)), checkpoint / "custom_checkpoint_0.pkl")
+    alone = tmp_path / "alone"
+    shutil.copytree(checkpoint, alone)
+    (alone / "custom_checkpoint_0.pkl").unlink()  # without the extra file: the crafted optimizer.bin is refused
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="optimizer.bin: cannot be read"):
+        checkpointing.verify_checkpoint(alone, set(load_file(str(alone / "model.safetensors"))), 1)
     cfg.epochs = 2
     cfg.allow_changed_settings = True
+    capsys.readouterr()
     train(cfg, datasets=tiny_data)
     assert not marker.exists(), "resuming ran code from a checkpoint"
+    assert "custom_checkpoint_0.pkl" in capsys.readouterr().out  # each refusal is reported
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, tiny_data, capsys):
