@@ -349,8 +349,8 @@ def test_resume_after_a_batch_size_change_skips_the_samples_already_seen(tmp_pat
     final = json.loads((checkpointing.latest_checkpoint(tmp_path / "run") / "progress.json").read_text())
     assert final["global_step"] == 2 + (rows // 4 - 1), "4 samples seen = 1 step of 4 skipped, not 2"
     # a batch that does not divide the samples seen is refused, naming both
-    shutil_run = tmp_path / "run2"
-    cfg2 = tiny_recipe(shutil_run, epochs=1, per_device_batch_size=2, checkpoint_every_steps=1, keep_checkpoints=9)
+    second = tmp_path / "run2"
+    cfg2 = tiny_recipe(second, epochs=1, per_device_batch_size=2, checkpoint_every_steps=1, keep_checkpoints=9)
     monkeypatch.setattr(train_module, "build_model", stopped_at_step(1))
     with pytest.raises(KeyboardInterrupt):
         train(cfg2, datasets=tiny_data)
