@@ -42,7 +42,8 @@ test-latest: browser
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" $(LATEST_EXTRA)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(if $(LATEST_EXTRA),$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade $(LATEST_EXTRA))
 	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|peft|accelerate|datasets|huggingface.hub|safetensors|evaluate)=='
 	$(LATEST_VENV)/bin/python -m pytest tests
 
@@ -66,3 +67,11 @@ test: install browser
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) demo_output .pytest_cache
+
+# The acceptance run on a CUDA machine (about 5 minutes, at most 8): golden parity on the GPU, DETRIS-B/-L bf16
+# throughput and utilisation, a 10,834-sentence evaluation, DETRIS-L training memory at batch 32, and the gaps to the
+# GPU targets -> benchmarks/results/gpu.{json,md}. Install the CUDA build first (see TORCH_SPEC above).
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` runs every step with tiny sizes on any machine (tests/test_gpu_check.py).
+.PHONY: gpu-check
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)

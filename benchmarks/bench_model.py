@@ -12,7 +12,10 @@ fp32 2048^2 on CPU, bf16 8192^2 on GPU, re-measured between the model's iteratio
   (JPEG decode, letterbox, tokenisation, forward, post-processing to the original size, IoU counts);
 - ``data``: data-loader samples/s per core (``benchmarks/bench_data.py``; no FLOPs, so no utilisation);
 - ``target`` (CPU): the issue-#7 check, DETRIS-B forward at batch 2 with 2 threads, alternating with the matmul:
-  ours fp32 (SDPA), the official implementation's graph (fp32, eager attention) and ours loaded in bf16.
+  ours fp32 (SDPA), the official implementation's graph (fp32, eager attention) and ours loaded in bf16;
+- ``fast_cpu`` (CPU): the fast CPU path (``modeling_detris.quantization_detris.optimize_for_cpu``: bf16 and / or
+  int8) beside ours fp32 and the official graph, DETRIS-B forward at batch 1 and 2, 2 threads, alternating rounds,
+  as speed ratios; the CPU features that decide the path (VNNI, AVX512-BF16, AMX) are printed with the table.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the actual model (meta device): DETRIS-B
 313.0 GFLOPs per 448 image forward (PERFORMANCE.md §3 counts 316.2 for the official code, whose text gates also
@@ -24,7 +27,7 @@ on CPU / bf16 on GPU); ``--full-grid`` runs every combination. ``--short`` runs 
 (the test suite's smoke test).
 
     detris bench [--device auto|cpu|cuda] [--presets base,large] [--batch-sizes 1,2,4] [--precisions fp32,bf16,fp16]
-                 [--attention sdpa,eager] [--benchmarks inference,training,evaluation,data,target]
+                 [--attention sdpa,eager] [--benchmarks inference,training,evaluation,data,target,fast_cpu]
                  [--full-grid] [--compile] [--json bench.json] [--markdown bench.md] [--short]
 
 Method, results and the speed work: docs/benchmarks.md.
@@ -62,7 +65,7 @@ from benchmarks.harness import (
 )
 
 PRESET_NAMES = {"base": "DETRIS-B", "large": "DETRIS-L", "tiny": "DETRIS-tiny"}
-ALL_BENCHMARKS = ("inference", "training", "evaluation", "data", "target")
+ALL_BENCHMARKS = ("inference", "training", "evaluation", "data", "target", "fast_cpu")
 
 # A DETRIS small enough for the smoke test (56 px input, width 32) with the real CLIP vocabulary, so that the
 # processor's token ids fit and the evaluation path runs unchanged.
@@ -282,6 +285,60 @@ def bench_target(device, meter, rounds: int, threads: int, flops_per_sample: flo
         torch.set_num_threads(previous)
 
 
+def fast_cpu_modes() -> list[str]:
+    """The fast paths worth timing on this CPU: bf16 where it is native, int8 always (fbgemm runs without VNNI too,
+    only slower); the one `optimize_for_cpu(mode="auto")` picks comes first."""
+    from modeling_detris.quantization_detris import cpu_fast_path, cpu_isa
+
+    isa = cpu_isa()
+    modes = (["bf16"] if cpu_fast_path({**isa, "avx512_vnni": False, "avx_vnni": False}) == "bf16" else []) + ["int8"]
+    auto = cpu_fast_path()
+    return ([auto] if auto in modes else []) + [m for m in modes if m != auto]
+
+
+def bench_fast_cpu(device, rounds: int, threads: int, modes: list[str], preset="base", batches=(1, 2)) -> dict:
+    """The fast CPU path against ours fp32 (SDPA) and the official graph (fp32, eager attention): for each batch
+    size, `rounds` rounds of (ours fp32, official graph, fast path per mode), one forward each, after one warm-up
+    forward of each. Speed ratios best against best and as the median of the per-round ratios."""
+    from modeling_detris.quantization_detris import cpu_fast_path, cpu_isa, optimize_for_cpu
+
+    if device.type != "cpu":
+        raise ValueError(f"the fast CPU path is for the CPU, not {device}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        config = preset_config(preset)
+        base = build_model(config, device)
+        models = {"ours_fp32_sdpa": variant(base, torch.float32, "sdpa"),
+                  "official_graph_fp32_eager": variant(base, torch.float32, "eager")}
+        for mode in modes:
+            models[f"fast_{mode}"] = optimize_for_cpu(variant(base, torch.float32, "sdpa"), mode)
+        del base
+        out = {"preset": preset, "model": PRESET_NAMES[preset], "input_size": config.input_size, "threads": threads,
+               "rounds": rounds, "modes": list(modes), "auto_mode": cpu_fast_path(), "cpu_isa": cpu_isa(), "batches": {}}
+        for batch in batches:
+            pixel_values, input_ids, _ = make_inputs(config, batch, device)
+            times = {name: [] for name in models}
+            with torch.inference_mode():
+                for model in models.values():  # warm-up
+                    model(pixel_values=pixel_values, input_ids=input_ids)
+                for _ in range(rounds):
+                    for name, model in models.items():
+                        start = time.perf_counter()
+                        model(pixel_values=pixel_values, input_ids=input_ids)
+                        times[name].append(time.perf_counter() - start)
+            row = {"seconds": times, "images_per_s": {name: batch / min(t) for name, t in times.items()}}
+            for reference in ("official_graph_fp32_eager", "ours_fp32_sdpa"):
+                short = "official" if reference.startswith("official") else "ours_fp32"
+                row[f"vs_{short}"] = {name: min(times[reference]) / min(t) for name, t in times.items()}
+                row[f"vs_{short}_paired_median"] = {
+                    name: statistics.median(r / s for r, s in zip(times[reference], t)) for name, t in times.items()}
+            out["batches"][str(batch)] = row
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _raw_low_precision_matmul_rate(device, size=512) -> float:
     """Plain `torch.matmul` in bf16 (no emulation): shows whether the CPU has fast bf16 arithmetic at all."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -321,6 +378,7 @@ def run(args) -> dict:
     meter = MatmulMeter(device, size=args.matmul_size)
     results = {"machine": info, "machine_label": machine_label(info), "peak": meter.label,
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "short": args.short, "records": [], "target": None,
+               "fast_cpu": None,
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")}}
     log = (lambda *a: print(*a, flush=True)) if not args.quiet else (lambda *a: None)
     log(f"machine: {results['machine_label']}; peak reference: {meter.label}, first {meter.measure() / 1e9:.1f} GFLOP/s")
@@ -390,6 +448,11 @@ def run(args) -> dict:
             flops = count_model_flops(preset_config(preset))["forward_per_sample"]
             results["target"] = bench_target(device, meter, args.target_rounds, args.target_threads, flops, preset)
             log(format_target(results["target"]))
+        if "fast_cpu" in benchmarks and device.type == "cpu":
+            modes = args.fast_cpu_modes or fast_cpu_modes()
+            results["fast_cpu"] = bench_fast_cpu(device, args.target_rounds, args.target_threads, modes,
+                                                 "tiny" if args.short else "base", tuple(args.fast_cpu_batch_sizes))
+            log(format_fast_cpu(results["fast_cpu"]))
     if is_cuda:
         results["gpu_targets"] = gpu_targets(results["records"])
     results["memory_fits"] = memory_fits(results["records"], args.memory_fit_batch)
@@ -477,14 +540,47 @@ def format_target(t: dict) -> str:
             f"bf16/official {t['bf16_vs_official_speed']:.2f}x")
 
 
+FAST_CPU_LABELS = {"ours_fp32_sdpa": "ours fp32 (SDPA)", "official_graph_fp32_eager": "official graph fp32 (eager)",
+                   "fast_bf16": "fast path bf16", "fast_int8": "fast path int8 (backbone linears)"}
+
+
+def isa_line(isa: dict) -> str:
+    return ", ".join(f"{name.upper().replace('_', '-')} {'yes' if isa.get(name) else 'no'}"
+                     for name in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")) + \
+        f"; oneDNN native bf16 {'yes' if isa.get('onednn_bf16') else 'no'}"
+
+
+def format_fast_cpu(f: dict) -> str:
+    parts = [f"fast CPU path ({f['model']}, {f['threads']} threads, {f['rounds']} rounds; auto = {f['auto_mode']})"]
+    for batch, row in f["batches"].items():
+        parts.append(f"batch {batch}: " + ", ".join(
+            f"{name} {row['vs_official'][name]:.2f}x official" for name in row["seconds"]))
+    return "; ".join(parts)
+
+
+def markdown_fast_cpu(f: dict) -> list[str]:
+    lines = ["", f"Fast CPU path ({f['model']} @{f['input_size']} forward, {f['threads']} threads, {f['rounds']} "
+                 f"alternating rounds of ours fp32, official graph, fast path; best against best, in brackets the "
+                 f"median of the per-round ratios). `optimize_for_cpu(mode=\"auto\")` picks **{f['auto_mode']}** here. "
+                 f"CPU features: {isa_line(f['cpu_isa'])}.", "",
+             "| batch | variant | images/s | speed vs official graph | speed vs ours fp32 |", "|---|---|---|---|---|"]
+    for batch, row in f["batches"].items():
+        for name in row["seconds"]:
+            lines.append(f"| {batch} | {FAST_CPU_LABELS.get(name, name)} | {row['images_per_s'][name]:.3f} | "
+                         f"{row['vs_official'][name]:.2f}x ({row['vs_official_paired_median'][name]:.2f}x) | "
+                         f"{row['vs_ours_fp32'][name]:.2f}x ({row['vs_ours_fp32_paired_median'][name]:.2f}x) |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     peaks = [r["matmul_peak_flops_per_s"] for r in (*results["records"], results.get("target") or {})
              if r.get("matmul_peak_flops_per_s")]
     lines = [f"Machine: {results['machine_label']}. Peak reference: {results['peak']}, measured in the same run between "
-             f"the model's iterations ({max(peaks, default=0) / 1e9:.1f} GFLOP/s at best). Run {results['started']}.", "",
-             "| benchmark | model | batch | precision | attention | throughput | GFLOP/item | achieved GFLOP/s | "
-             "matmul GFLOP/s | utilisation | peak memory (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"the model's iterations ({max(peaks, default=0) / 1e9:.1f} GFLOP/s at best). Run {results['started']}."]
+    if results["records"]:
+        lines += ["", "| benchmark | model | batch | precision | attention | throughput | GFLOP/item | achieved GFLOP/s | "
+                      "matmul GFLOP/s | utilisation | peak memory (MiB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["records"]:
         if r["benchmark"] == "data":
             lines.append(f"| data loading ({r['mode'].replace('_', ' ')}) | - | {r['batch_size']} | - | - | "
@@ -516,6 +612,8 @@ def markdown(results: dict) -> str:
                       f"bf16 / official {t['bf16_vs_official_speed']:.2f}x; fp32 target (>= 85 %) "
                       f"{'met' if t['fp32_target_met'] else 'not met'}; bf16 target: {t['bf16_target']}; plain bf16 "
                       f"matmul here {t['bf16_raw_matmul_flops_per_s'] / 1e9:.2f} GFLOP/s."]
+    if results.get("fast_cpu"):
+        lines += markdown_fast_cpu(results["fast_cpu"])
     fits = results.get("memory_fits") or []
     if fits:
         lines += ["", f"Peak memory against batch size (least squares over the measured batch sizes; the value at batch "
@@ -571,6 +669,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-workers", type=int, default=None, help="data-loader workers in the evaluation (0 CPU / 8 CUDA)")
     p.add_argument("--target-rounds", type=int, default=None, help="alternating rounds of the CPU target check (5)")
     p.add_argument("--target-threads", type=int, default=None, help="threads of the CPU target check (issue #7: 2)")
+    p.add_argument("--fast-cpu-modes", type=_csv(str), default=None,
+                   help="fast CPU paths to time (bf16,int8; default: int8, and bf16 where the CPU has it natively)")
+    p.add_argument("--fast-cpu-batch-sizes", type=_csv(int), default=[1, 2], help="batch sizes of fast_cpu (1,2)")
     p.add_argument("--memory-fit-batch", type=int, default=32,
                    help="batch size at which the peak-memory fits are evaluated (issue #7's DETRIS-L goal: 32)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -605,16 +706,18 @@ def apply_defaults(args) -> argparse.Namespace:
     for name in (*args.precisions, *args.eval_precisions, args.reference_precision):
         if name not in DTYPES:
             raise SystemExit(f"detris bench: unknown precision {name!r}; expected fp32, bf16 or fp16")
+    if set(args.fast_cpu_modes or []) - {"bf16", "int8"}:
+        raise SystemExit(f"detris bench: --fast-cpu-modes takes bf16 and/or int8, got {','.join(args.fast_cpu_modes)}")
     if set(args.attention) - {"sdpa", "eager"}:
         raise SystemExit("detris bench: --attention takes sdpa and/or eager")
     return args
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -624,7 +727,7 @@ def _jsonable(value):
 
 def main(argv=None) -> int:
     args = apply_defaults(build_arg_parser().parse_args(argv))
-    results = _jsonable(run(args))
+    results = jsonable(run(args))
     table = markdown(results)
     if not args.quiet:
         print("\n" + table)

@@ -57,6 +57,7 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
 
 def machine_info(device: torch.device) -> dict:
     from modeling_detris.low_precision import native_low_precision_cpu
+    from modeling_detris.quantization_detris import cpu_isa
 
     cpu_name, flags = _cpu_model_and_flags()
     info = {
@@ -67,6 +68,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")),
         "cpu_bf16_matmul_fast": native_low_precision_cpu(torch.bfloat16),
+        "cpu_isa": cpu_isa(),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }

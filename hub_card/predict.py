@@ -2,7 +2,8 @@
 
 For every image and every expression it writes into OUT:
 
-- `<image>_<k>_overlay.png`: the image with the mask tinted over it and the expression printed on top;
+- `<image>_<k>_overlay.png`: the image (at least 256 pixels wide) with the mask filled and outlined, and the
+  expression and its score in full below it (`processing_detris.draw_referring_overlay`);
 - `<image>_<k>_mask.png`: the raw mask, 8-bit grey, 255 inside and 0 outside, at the image's size;
 
 and `predictions.json` listing image, expression, score, mask area and the two files. `k` is the expression's index
@@ -14,33 +15,6 @@ import json
 import os
 import sys
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-TINT = (255, 48, 48)
-ALPHA = 0.5
-
-
-def overlay(image: Image.Image, mask: np.ndarray, text: str, score: float) -> Image.Image:
-    """`image` with `mask` tinted (red, 50 %) and the expression and score printed in a banner at the top."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    if mask.shape != rgb.shape[:2]:
-        raise ValueError(f"mask of shape {mask.shape} does not match the image {rgb.shape[:2]} (height, width)")
-    tinted = rgb.copy()
-    tinted[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * np.asarray(TINT, dtype=np.float32)
-    result = Image.fromarray(np.clip(np.rint(tinted), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(result)
-    size = max(10, min(result.size) // 20)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    label = f"{text}  ({score:.2f})"
-    left, top, right, bottom = draw.textbbox((4, 4), label, font=font)
-    draw.rectangle((0, 0, min(result.width, right + 4), bottom + 4), fill=(0, 0, 0))
-    draw.text((4, 4), label, fill=(255, 255, 255), font=font)
-    return result
 
 
 def _safe_stem(path: Path, used: set) -> str:
@@ -64,6 +38,8 @@ def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
 
 def predict(model, images, texts, output, threshold=None, device=None, log=print) -> list[dict]:
     """Run the pipeline on every (image, expression) and write the files; returns the records."""
+    from processing_detris import DEFAULT_MAX_IMAGE_PIXELS, draw_referring_overlay, to_rgb_uint8
+
     images = [Path(p) for p in images]
     for path in images:
         if not path.is_file():
@@ -80,18 +56,17 @@ def predict(model, images, texts, output, threshold=None, device=None, log=print
     output.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
     kwargs = {} if threshold is None else {"threshold": threshold}
+    max_pixels = getattr(getattr(pipe, "image_processor", None), "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     for path in images:
         stem = _safe_stem(path, used)
-        with Image.open(path) as handle:
-            from PIL import ImageOps
-
-            image = ImageOps.exif_transpose(handle).convert("RGB")
+        # Header first: a non-image or an image over the pixel limit is refused, naming the file, before decoding.
+        image = to_rgb_uint8(str(path), max_image_pixels=max_pixels)
         results = pipe(str(path), list(texts), **kwargs)
         for index, result in enumerate(results):
             mask_file = output / f"{stem}_{index:02d}_mask.png"
             overlay_file = output / f"{stem}_{index:02d}_overlay.png"
             result["mask_image"].save(mask_file)
-            overlay(image, result["mask"], result["text"], result["score"]).save(overlay_file)
+            draw_referring_overlay(image, [result["mask"]], [result["text"]], scores=[result["score"]]).save(overlay_file)
             records.append(
                 {
                     "image": str(path),
@@ -125,4 +100,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["main", "overlay", "predict"]
+__all__ = ["main", "predict"]

@@ -18,6 +18,7 @@ the input size -> inverse affine warp to the original `(h, w)` with cubic interp
 """
 
 import io
+import math
 import os
 from typing import Any
 
@@ -29,7 +30,7 @@ from PIL import Image, ImageOps
 
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
@@ -136,9 +137,13 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _pil_to_rgb(image: "Image.Image", max_pixels: int | None) -> np.ndarray:
+def _pil_to_rgb(
+    image: "Image.Image", max_pixels: int | None, convert_rgb: bool = True, name: str = "the PIL image"
+) -> np.ndarray:
     width, height = image.size
     _check_size(height, width, max_pixels)
+    if not convert_rgb and image.mode != "RGB":
+        _refuse_conversion(f"{name} has mode {image.mode!r}")
     try:
         image = ImageOps.exif_transpose(image)
         mode = image.mode
@@ -164,27 +169,43 @@ def _pil_to_rgb(image: "Image.Image", max_pixels: int | None) -> np.ndarray:
             )
         return np.asarray(image.convert("RGB"), dtype=np.uint8)  # P, PA, YCbCr, LAB, HSV, ...
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Could not decode the PIL image ({error}); the file looks corrupt or truncated.") from error
+        raise ValueError(f"Could not decode {name} ({error}); the file looks corrupt or truncated.") from error
 
 
-def _decode_bytes(data: bytes, max_pixels: int | None) -> np.ndarray:
+def _refuse_conversion(what: str):
+    raise ValueError(
+        f"{what}, but do_convert_rgb=False asks for no colour conversion; DETRIS needs 3-channel RGB input. Pass "
+        "RGB images or leave do_convert_rgb=True (grey, alpha, palette and CMYK are then converted like OpenCV)."
+    )
+
+
+def _decode_bytes(
+    data: bytes, max_pixels: int | None, convert_rgb: bool = True, name: str = "The image bytes"
+) -> np.ndarray:
     """Decode an encoded image exactly like the official code: `cv2.imdecode(IMREAD_COLOR)` then BGR -> RGB. The
-    header is read with PIL first (no pixel decoding) to enforce the pixel limit."""
+    header is read with PIL first (no pixel decoding) to enforce the pixel limit. `name` (e.g. the file path) is
+    named in every error."""
     if len(data) == 0:
-        raise ValueError("Got an empty byte string as image; expected encoded image bytes (PNG, JPEG, ...).")
+        raise ValueError(f"{name} is an empty byte string; expected encoded image bytes (PNG, JPEG, ...).")
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
+            mode = header.mode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Could not read the image header ({error}); the data is corrupt or not an image.") from error
+        raise ValueError(f"{name} is corrupt or not an image ({error}); expected a PNG, JPEG, WebP, BMP, TIFF or "
+                         "GIF file.") from error
     _check_size(height, width, max_pixels)
+    if not convert_rgb and mode != "RGB":
+        _refuse_conversion(f"{name} has mode {mode!r}")
     decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if decoded is None or decoded.size == 0:
-        raise ValueError("OpenCV could not decode the image bytes; the file is corrupt or truncated.")
+        raise ValueError(f"OpenCV could not decode {name}; the file is corrupt or truncated.")
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
-def _array_to_rgb(array: np.ndarray, max_pixels: int | None, channels_first: bool | None, source: str) -> np.ndarray:
+def _array_to_rgb(
+    array: np.ndarray, max_pixels: int | None, channels_first: bool | None, source: str, convert_rgb: bool = True
+) -> np.ndarray:
     if array.ndim == 2:
         pass
     elif array.ndim == 3:
@@ -234,6 +255,9 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int | None, channels_first: boo
     else:
         raise ValueError(f"Unsupported {source} image dtype {array.dtype}; expected uint8.")
 
+    if not convert_rgb and (array.ndim == 2 or array.shape[-1] != 3):
+        channels = 1 if array.ndim == 2 else array.shape[-1]
+        _refuse_conversion(f"A {source} image of shape {tuple(array.shape)} has {channels} channel(s)")
     if array.ndim == 2:
         return _grey_to_rgb(array)
     channels = array.shape[-1]
@@ -244,7 +268,9 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int | None, channels_first: boo
     return np.ascontiguousarray(array)
 
 
-def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, input_data_format=None) -> np.ndarray:
+def to_rgb_uint8(
+    image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, input_data_format=None, convert_rgb: bool = True
+) -> np.ndarray:
     """
     Convert one image to an RGB `uint8` `(H, W, 3)` array the way the official OpenCV decoding does.
 
@@ -256,7 +282,11 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
       channels-last and torch to channels-first when ambiguous (`input_data_format` overrides). uint8 as is,
       uint16 `>> 8`, bool x255, floats must be in [0, 1] (x255, rounded).
 
-    Raises `ValueError` for zero-size, over-limit (`max_image_pixels`), corrupt or unsupported images.
+    With `convert_rgb=False` (the processor's `do_convert_rgb=False`) nothing is converted: anything but a 3-channel
+    RGB image raises a `ValueError`. bfloat16 / float16 tensors are read as float32.
+
+    Raises `ValueError` for zero-size, over-limit (`max_image_pixels`), corrupt or unsupported images; a path or a
+    `{"path", "bytes"}` dict is named in the message.
     """
     channels_first = None
     if input_data_format is not None:
@@ -268,21 +298,31 @@ def to_rgb_uint8(image: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
         if not os.path.isfile(path):
             raise ValueError(f"Image path {path!r} does not exist or is not a file.")
         with open(path, "rb") as handle:
-            return _decode_bytes(handle.read(), max_image_pixels)
+            return _decode_bytes(handle.read(), max_image_pixels, convert_rgb, f"The file {path!r}")
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a `datasets.Image(decode=False)` value
+        if image.get("bytes") is not None:
+            name = f"The image {image['path']!r}" if image.get("path") else "The image bytes"
+            return _decode_bytes(bytes(image["bytes"]), max_image_pixels, convert_rgb, name)
+        if image.get("path"):
+            return to_rgb_uint8(image["path"], max_image_pixels, input_data_format, convert_rgb)
+        raise ValueError("The image dict has neither 'bytes' nor 'path'; expected a `datasets.Image` value.")
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(image), max_image_pixels)
+        return _decode_bytes(bytes(image), max_image_pixels, convert_rgb)
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image, max_image_pixels)
+        name = f"The image {image.filename!r}" if getattr(image, "filename", "") else "The PIL image"
+        return _pil_to_rgb(image, max_image_pixels, convert_rgb, name)
     if isinstance(image, torch.Tensor):
         if image.ndim in (2, 3):
             _check_size(*(image.shape[:2] if image.ndim == 2 else _hw_of(image.shape, channels_first, "torch")),
                         max_image_pixels)
-        return _array_to_rgb(image.detach().cpu().numpy(), max_image_pixels, channels_first, "torch")
+        if image.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            image = image.float()
+        return _array_to_rgb(image.detach().cpu().numpy(), max_image_pixels, channels_first, "torch", convert_rgb)
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, max_image_pixels, channels_first, "numpy")
+        return _array_to_rgb(image, max_image_pixels, channels_first, "numpy", convert_rgb)
     raise TypeError(
         f"Unsupported image type {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor, "
-        "a file path or encoded bytes."
+        "a file path, encoded bytes or a {'path', 'bytes'} dict."
     )
 
 
@@ -305,7 +345,8 @@ def to_mask_uint8(mask: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PI
         _check_size(height, width, max_image_pixels, "mask")
         mask = np.asarray(mask if mask.mode in ("1", "L", "I;16", "I") else mask.convert("L"))
     elif isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
+        mask = mask.detach().cpu()
+        mask = (mask.float() if mask.dtype in (torch.bfloat16, torch.float16) else mask).numpy()
     elif not isinstance(mask, np.ndarray):
         raise TypeError(f"Unsupported mask type {type(mask).__name__}; expected a numpy array, torch tensor or PIL image.")
     if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
@@ -344,14 +385,20 @@ class DetrisImageProcessor(PilBackend):
     - `labels` (only when `masks` are given): `(B, H_in, W_in)` float32 soft masks in [0, 1].
 
     Args:
-        size (`dict[str, int]`, *optional*, defaults to `{"height": 448, "width": 448}`): letterbox size.
-        image_mean / image_std (*optional*, default to the OpenAI CLIP statistics): normalisation statistics.
-        do_rescale / do_normalize (`bool`, *optional*, default to `True`): `/255` and mean/std normalisation.
-        max_image_pixels (`int`, *optional*, defaults to `8192 * 8192`): decompression-bomb guard, see
-            [`DetrisImageProcessorKwargs`].
+        size (`int`, `(height, width)`, `dict` or `SizeDict`, *optional*, defaults to `{"height": 448, "width": 448}`):
+            letterbox size (positive `height` and `width`).
+        image_mean / image_std (3 finite floats each, *optional*, default to the OpenAI CLIP statistics):
+            normalisation statistics; every std must be > 0.
+        do_rescale / do_normalize (`bool`, *optional*, default to `True`): `* rescale_factor` (1/255) and mean/std
+            normalisation.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`): convert grey / alpha / palette / CMYK images to RGB
+            like OpenCV; with `False` only 3-channel RGB images are accepted.
+        max_image_pixels (`int`, *optional*, defaults to `8192 * 8192`): decompression-bomb guard for inputs and
+            post-processing target sizes, see [`DetrisImageProcessorKwargs`].
 
-    The letterbox itself is always applied (`do_resize` must stay `True`): DETRIS needs square inputs of exactly
-    `size`, and its position embeddings are baked for that grid.
+    Every option is honoured or refused with a `ValueError` naming it (at construction and per call): the letterbox
+    is always applied and always bicubic (`do_resize=False`, another `resample`, `do_center_crop`, `do_pad` and a
+    channels-last `data_format` are refused), because DETRIS needs inputs of exactly `size`.
     """
 
     valid_kwargs = DetrisImageProcessorKwargs
@@ -369,7 +416,64 @@ class DetrisImageProcessor(PilBackend):
     max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
     def __init__(self, **kwargs: Unpack[DetrisImageProcessorKwargs]):
-        super().__init__(**kwargs)
+        super().__init__(**_size_as_dict(kwargs))
+        options = {name: getattr(self, name, None) for name in self._valid_kwargs_names}
+        self._validate_preprocess_kwargs(**self._standardize_kwargs(**options))  # bad values fail here, not per call
+
+    def _validate_preprocess_kwargs(
+        self,
+        do_resize=None,
+        size=None,
+        resample=None,
+        do_rescale=None,
+        rescale_factor=None,
+        do_normalize=None,
+        image_mean=None,
+        image_std=None,
+        do_center_crop=None,
+        do_pad=None,
+        data_format=None,
+        max_image_pixels=None,
+        **kwargs,
+    ):
+        """Refuse, naming the option, every documented option this processor cannot honour and every invalid value."""
+        if do_resize is False:
+            raise ValueError("do_resize=False is not supported: DETRIS always letterboxes its inputs to `size`.")
+        height, width = (getattr(size, "height", None), getattr(size, "width", None)) if size is not None else (None, None)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise ValueError(
+                f"size={dict(size) if size is not None else None} is not a letterbox size; expected positive "
+                '{"height": H, "width": W} (or an int for a square), e.g. {"height": 448, "width": 448}.'
+            )
+        if resample is not None and int(resample) != int(PILImageResampling.BICUBIC):
+            raise ValueError(
+                f"resample={resample!r} is not supported: the official letterbox is bicubic (cv2.INTER_CUBIC); "
+                "leave resample unset or BICUBIC (3)."
+            )
+        if do_center_crop:
+            raise ValueError("do_center_crop=True is not supported: DETRIS letterboxes the whole image, it never crops.")
+        if do_pad:
+            raise ValueError("do_pad=True is not supported: the letterbox already pads every image to `size`.")
+        if data_format is not None and str(getattr(data_format, "value", data_format)) != "channels_first":
+            raise ValueError(f"data_format={data_format!r} is not supported: pixel_values are channels first (B, 3, H, W).")
+        if do_rescale and not (isinstance(rescale_factor, (int, float)) and math.isfinite(rescale_factor) and rescale_factor > 0):
+            raise ValueError(f"rescale_factor={rescale_factor!r} must be a finite number > 0 (1/255 for uint8 pixels).")
+        for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+            if not do_normalize and values is None:
+                continue
+            flat = np.asarray(values, dtype=object).ravel() if values is not None else np.asarray([])
+            if values is None or flat.size != 3 or not all(
+                isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in flat
+            ):
+                example = list(OPENAI_CLIP_MEAN if name == "image_mean" else OPENAI_CLIP_STD)
+                raise ValueError(f"{name}={values!r} must be 3 finite numbers, one per RGB channel, e.g. {example}.")
+            if name == "image_std" and any(float(v) <= 0 for v in flat):
+                raise ValueError(f"image_std={values!r} must be > 0 in every channel (the pixels are divided by it).")
+        if max_image_pixels is not None and (
+            isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels <= 0
+        ):
+            raise ValueError(f"max_image_pixels={max_image_pixels!r} must be a positive int (or None for no limit).")
 
     # -- pre-processing ------------------------------------------------------------------------------------------
 
@@ -378,12 +482,12 @@ class DetrisImageProcessor(PilBackend):
         Letterbox and normalise `images` (one image or a list); optionally turn `masks` (one per image, same
         `(height, width)` as its image) into soft `labels`.
         """
-        return super().preprocess(images, image_like_kwargs={"masks": masks}, **kwargs)
+        return super().preprocess(images, image_like_kwargs={"masks": masks}, **_size_as_dict(kwargs))
 
     def _preprocess_image_like_inputs(self, images, masks=None, **kwargs) -> BatchFeature:
-        images = _as_list(images, "images")
+        images = as_image_list(images, "images")
         if masks is not None:
-            masks = _as_list(masks, "masks")
+            masks = as_image_list(masks, "masks")
             if len(masks) != len(images):
                 raise ValueError(f"Got {len(images)} images but {len(masks)} masks; expected one mask per image.")
         return self._preprocess(images, masks=masks, **kwargs)
@@ -392,8 +496,8 @@ class DetrisImageProcessor(PilBackend):
         self,
         images: list,
         masks: list | None = None,
-        do_resize: bool = True,
         size=None,
+        do_convert_rgb: bool = True,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
         do_normalize: bool = True,
@@ -404,16 +508,15 @@ class DetrisImageProcessor(PilBackend):
         return_tensors: str | TensorType | None = None,
         **kwargs,
     ) -> BatchFeature:
-        if not do_resize:
-            raise ValueError("DETRIS always letterboxes its inputs; `do_resize=False` is not supported.")
         target_height, target_width = int(size.height), int(size.width)
         border = tuple(float(m) * 255.0 for m in (image_mean if image_mean is not None else OPENAI_CLIP_MEAN))
-        mean = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1)
-        std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
+        mean = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1) if do_normalize else None
+        std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1) if do_normalize else None
+        convert_rgb = do_convert_rgb is not False
 
         pixel_values, original_sizes, inverse_affines, labels = [], [], [], []
         for index, image in enumerate(images):
-            rgb = to_rgb_uint8(image, max_image_pixels, input_data_format)
+            rgb = to_rgb_uint8(image, max_image_pixels, input_data_format, convert_rgb)
             height, width = rgb.shape[:2]
             affine, inverse = get_letterbox_affine(height, width, target_height, target_width)
             boxed = letterbox_image(rgb, affine, (target_height, target_width), border)
@@ -432,10 +535,7 @@ class DetrisImageProcessor(PilBackend):
                         f"Mask {index} has shape {mask.shape} but its image is {(height, width)} (height, width) "
                         "after decoding; expected the same size."
                     )
-                warped = cv2.warpAffine(
-                    mask, affine, (target_width, target_height), flags=cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_CONSTANT, borderValue=0,
-                )
+                warped = letterbox_mask(mask, affine, (target_height, target_width))
                 labels.append(warped.astype(np.float32) / np.float32(255.0))
 
         data = {
@@ -492,8 +592,8 @@ class DetrisImageProcessor(PilBackend):
         sizes = _target_sizes_to_list(target_sizes)
         if len(sizes) != logits.shape[0]:
             raise ValueError(f"Got {logits.shape[0]} logits but {len(sizes)} target sizes; expected one size per sample.")
-        for height, width in sizes:
-            _check_size(height, width, None, "target size")
+        for height, width in sizes:  # refused before anything of that size is allocated
+            _check_size(height, width, self.max_image_pixels, "target size")
 
         size = self.size
         input_height, input_width = int(size["height"]), int(size["width"])
@@ -509,12 +609,32 @@ class DetrisImageProcessor(PilBackend):
         raise ValueError(f"implementation must be 'torch' or 'opencv', got {implementation!r}.")
 
 
-def letterbox_image(rgb: np.ndarray, affine: np.ndarray, output_size: tuple[int, int], border) -> np.ndarray:
-    """`cv2.warpAffine(rgb, affine, (W, H), INTER_CUBIC, BORDER_CONSTANT, border)`, the official letterbox."""
+def _size_as_dict(kwargs: dict) -> dict:
+    """transformers' kwarg validation refuses its own `SizeDict` (what `processor.size` holds); pass it as a dict."""
+    if isinstance(kwargs.get("size"), SizeDict):
+        kwargs["size"] = {key: value for key, value in dict(kwargs["size"]).items() if value is not None}
+    return kwargs
+
+
+def letterbox_image(
+    rgb: np.ndarray, affine: np.ndarray, output_size: tuple[int, int], border=tuple(m * 255.0 for m in OPENAI_CLIP_MEAN)
+) -> np.ndarray:
+    """The official letterbox of a uint8 RGB `(H, W, 3)` image: `cv2.warpAffine(rgb, affine, (W_out, H_out),
+    INTER_CUBIC, BORDER_CONSTANT, border)`, `border` the CLIP mean x255. Returns uint8 `(H_out, W_out, 3)`."""
     height, width = output_size
     return cv2.warpAffine(
         np.ascontiguousarray(rgb), affine, (width, height), flags=cv2.INTER_CUBIC,
         borderMode=cv2.BORDER_CONSTANT, borderValue=border,
+    )
+
+
+def letterbox_mask(mask: np.ndarray, affine: np.ndarray, output_size: tuple[int, int]) -> np.ndarray:
+    """The official letterbox of a uint8 0..255 mask `(H, W)`: `cv2.warpAffine(INTER_LINEAR)`, border 0. Returns
+    uint8 `(H_out, W_out)` with soft edges; divide by 255 for the training labels."""
+    height, width = output_size
+    return cv2.warpAffine(
+        np.ascontiguousarray(mask), affine, (width, height), flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
     )
 
 
@@ -574,7 +694,8 @@ def _target_sizes_to_list(target_sizes) -> list[tuple[int, int]]:
     return sizes
 
 
-def _as_list(value, name) -> list:
+def as_image_list(value, name: str = "images") -> list:
+    """One image (or mask) or a batch -> a non-empty list; a 4-D array or tensor is a batch along its first axis."""
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
             raise ValueError(f"`{name}` is an empty list; expected at least one item.")
@@ -586,12 +707,18 @@ def _as_list(value, name) -> list:
     return [value]
 
 
+# A saved processor folder names these classes in its `auto_map` and carries their files, so it also loads with
+# `trust_remote_code=True` where this package is not imported.
+DetrisImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DetrisImageProcessor",
     "apply_affine_to_points",
     "get_letterbox_affine",
+    "as_image_list",
     "letterbox_image",
+    "letterbox_mask",
     "to_mask_uint8",
     "to_rgb_uint8",
 ]

@@ -159,4 +159,6 @@ class DetrisTokenizer(CLIPTokenizer):
         )
 
 
+DetrisTokenizer.register_for_auto_class("AutoTokenizer")
+
 __all__ = ["DetrisTokenizer", "clean_text", "load_clip_vocabulary"]

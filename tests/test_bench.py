@@ -109,7 +109,20 @@ def test_short_bench_through_the_cli(tmp_path, one_thread):
             target[f"{name}_flops_per_s"] / target["matmul_peak_flops_per_s"], rel=1e-9)
     assert target["ours_vs_official_speed"] == pytest.approx(
         min(target["seconds"]["official_graph_fp32_eager"]) / min(target["seconds"]["ours_fp32_sdpa"]), rel=1e-9)
+    fast = results["fast_cpu"]
+    assert fast["threads"] == 1 and fast["rounds"] == 2 and set(fast["batches"]) == {"1", "2"}
+    assert set(fast["cpu_isa"]) >= {"avx512_vnni", "avx512_bf16", "amx_bf16"} and fast["modes"][-1] in ("bf16", "int8")
+    assert "int8" in fast["modes"] and fast["auto_mode"] in ("bf16", "int8", "fp32")
+    for row in fast["batches"].values():
+        names = {"ours_fp32_sdpa", "official_graph_fp32_eager", *(f"fast_{m}" for m in fast["modes"])}
+        assert set(row["seconds"]) == names and all(len(t) == 2 for t in row["seconds"].values())
+        assert row["vs_official"]["official_graph_fp32_eager"] == 1.0
+        for name, seconds in row["seconds"].items():
+            assert row["vs_official"][name] == pytest.approx(
+                min(row["seconds"]["official_graph_fp32_eager"]) / min(seconds), rel=1e-9)
     table = out_md.read_text()
+    assert "Fast CPU path (DETRIS-tiny @56 forward, 1 threads" in table and "AMX-BF16" in table
+    assert "| 2 | fast path int8 (backbone linears) |" in table
     assert table.startswith("Machine: ") and "| inference | DETRIS-tiny @56 | 2 | fp32 | sdpa |" in table
     assert "| training | DETRIS-tiny @56 | 2 | bf16 autocast | sdpa |" in table
     assert "data loading (official)" in table and "CPU target" in table
@@ -142,3 +155,5 @@ def test_bench_rejects_unknown_options(capsys):
         main(["--short", "--precisions", "fp8"])
     with pytest.raises(SystemExit):
         main(["--short", "--benchmarks", "inference,warp"])
+    with pytest.raises(SystemExit):
+        main(["--short", "--fast-cpu-modes", "int4"])

@@ -150,3 +150,20 @@ def test_benchmark_quick_mode_prints_rates_and_ratio(processor, capsys):
         assert res[key] > 0
     assert "official per-sample pipeline" in out and "ratio to official" in out and "cached uint8" in out
     assert res["cached_vs_official"] == pytest.approx(res["cached"] / res["official"])
+
+
+def test_cache_follows_a_saved_processor_of_another_size(shapes, tmp_path):
+    """`detris data cache --processor DIR` letterboxes to the processor's size (a `SizeDict` once loaded), not 448."""
+    from training.data.cli import main as data_main
+
+    DetrisProcessor.from_model_config(type("C", (), {"input_size": 224, "word_len": 17})()).save_pretrained(tmp_path / "p")
+    loaded = DetrisProcessor.from_pretrained(tmp_path / "p")
+    shapes.save_to_disk(str(tmp_path / "ds"))
+    assert data_main(["cache", "--dataset-dir", str(tmp_path / "ds"), "--split", "validation", "--processor",
+                      str(tmp_path / "p"), "--output", str(tmp_path / "c"), "--no-progress"]) == 0
+    cache = LetterboxCache(str(tmp_path / "c"), train=False)
+    item = LetterboxCache.collate([cache.item(0, 0)])
+    row = shapes["validation"][0]
+    ref = loaded(images=[_img(row)], text=row["sentences"][:1], return_tensors="pt")
+    assert item["pixel_values"].shape[-2:] == (224, 224)
+    assert torch.equal(DeviceNormalizer.from_processor(loaded)(item)["pixel_values"], ref["pixel_values"])

@@ -11,6 +11,7 @@ from transformers import pipeline
 from hub_helpers import save_tiny_model, write_test_image
 
 import hub_card  # noqa: F401  (registers the task)
+from processing_detris import overlay_colour, to_rgb_uint8
 from training.cli import main as cli
 
 
@@ -82,10 +83,25 @@ def test_predict_writes_overlays_masks_and_a_summary(setup, tmp_path, capsys):
     mask = Image.open(out / "second_01_mask.png")
     overlay = Image.open(out / "second_01_overlay.png")
     assert mask.mode == "L" and mask.size == (40, 70) and set(np.unique(np.asarray(mask))) <= {0, 255}
-    assert overlay.mode == "RGB" and overlay.size == (40, 70)
+    # A 40 px wide image is drawn 256 px wide (448 high), with the caption in a legend below it.
+    assert overlay.mode == "RGB" and overlay.width == 256 and overlay.height > 448
     assert records[3]["mask_pixels"] == int((np.asarray(mask) > 0).sum())
-    # The banner with the expression is drawn: the top-left corner is black, the original is not.
-    assert tuple(np.asarray(overlay)[1, 1]) == (0, 0, 0) and tuple(np.asarray(Image.open(second))[1, 1]) != (0, 0, 0)
+    # Nothing covers the image (no banner): outside the mask every pixel is the original, scaled up.
+    drawn = np.asarray(overlay)[:448]
+    original = np.asarray(Image.fromarray(to_rgb_uint8(str(second))).resize((256, 448), Image.Resampling.NEAREST))
+    outside = ~(np.asarray(mask.resize((256, 448), Image.Resampling.NEAREST)) > 127)
+    assert (drawn[outside] == original[outside]).all()
+    legend = np.asarray(overlay)[448:]
+    assert (legend == overlay_colour(0)).all(axis=-1).any() and (legend.sum(axis=-1) < 100).any()  # swatch and text
+
+
+def test_predict_refuses_a_non_image_in_one_line_naming_it(setup, tmp_path, capsys):
+    model_dir, _, _ = setup
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    assert cli(["predict", "--model", str(model_dir), "--image", str(notes), "--text", "x", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "notes.png' is corrupt or not an image" in err and "Traceback" not in err
 
 
 def test_predict_errors(setup, tmp_path, capsys):

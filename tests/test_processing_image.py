@@ -278,3 +278,93 @@ def test_blob_through_letterbox_and_post_processing_lands_on_itself(size, fx, fy
     tolerance = max(1.0, 1.0 / scale)
     assert abs(xs.mean() - (x0 + x1 - 1) / 2) <= tolerance
     assert abs(ys.mean() - (y0 + y1 - 1) / 2) <= tolerance
+
+
+def same(a, b) -> bool:
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_do_convert_rgb_false_is_honoured():
+    """RGB inputs give the same pixels; anything that would need a colour conversion is refused, naming the option."""
+    rgb = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    plain = DetrisImageProcessor(do_convert_rgb=False)
+    assert same(plain(rgb)["pixel_values"], DetrisImageProcessor()(rgb)["pixel_values"])
+    assert same(plain(Image.fromarray(rgb))["pixel_values"], plain(encode(Image.fromarray(rgb)))["pixel_values"])
+    for bad in (rgb[..., 0], np.dstack([rgb, rgb[..., :1]]), Image.fromarray(rgb).convert("L"),
+                encode(Image.fromarray(rgb).convert("RGBA")), Image.fromarray(rgb).convert("CMYK")):
+        with pytest.raises(ValueError, match="do_convert_rgb=False"):
+            plain(bad)
+    assert DetrisImageProcessor()(rgb[..., 0])["pixel_values"].shape == (1, 3, 448, 448)  # default: converted
+    with pytest.raises(ValueError, match="do_convert_rgb=False"):
+        DetrisImageProcessor()(rgb[..., 0], do_convert_rgb=False)  # as a call option too
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"image_mean": [0.5, 0.5, 0.5, 0.5]}, r"image_mean=.0.5, 0.5, 0.5, 0.5. must be 3 finite numbers"),
+        ({"image_mean": [0.5, float("nan"), 0.5]}, "image_mean=.* must be 3 finite numbers"),
+        ({"image_std": [0.2, 0.0, 0.2]}, r"image_std=.* must be > 0"),
+        ({"image_std": [0.2, -1.0, 0.2]}, r"image_std=.* must be > 0"),
+        ({"image_std": [0.2, float("inf"), 0.2]}, "image_std=.* must be 3 finite numbers"),
+        ({"image_std": 0.5}, "image_std=0.5 must be 3 finite numbers"),
+        ({"size": {"shortest_edge": 300}}, "is not a letterbox size"),
+        ({"size": {"height": 0, "width": 448}}, "is not a letterbox size"),
+        ({"resample": 0}, "resample=0 is not supported"),
+        ({"do_resize": False}, "do_resize=False"),
+        ({"do_center_crop": True}, "do_center_crop=True"),
+        ({"do_pad": True}, "do_pad=True"),
+        ({"rescale_factor": 0.0}, "rescale_factor=0.0"),
+        ({"max_image_pixels": -5}, "max_image_pixels=-5"),
+    ],
+)
+def test_bad_options_are_refused_naming_them(option, message):
+    with pytest.raises(ValueError, match=message):
+        DetrisImageProcessor(**option)
+    with pytest.raises(ValueError, match=message):
+        DetrisImageProcessor()(np.zeros((8, 8, 3), np.uint8), **option)
+
+
+def test_image_mean_and_std_are_honoured():
+    rgb = np.full((448, 448, 3), 255, np.uint8)
+    out = DetrisImageProcessor(image_mean=[0.5, 0.25, 0.0], image_std=[0.5, 0.25, 2.0])(rgb)["pixel_values"][0]
+    assert np.allclose(out[:, 0, 0], [1.0, 3.0, 0.5])
+    assert same(DetrisImageProcessor(do_normalize=False)(rgb)["pixel_values"], np.ones((1, 3, 448, 448), np.float32))
+
+
+@pytest.mark.parametrize("size", [224, (160, 224), {"height": 224, "width": 160}, "sizedict"])
+def test_every_valid_size_is_honoured(size, tmp_path):
+    from transformers.image_utils import SizeDict
+
+    if size == "sizedict":
+        size = SizeDict(height=96, width=128)
+    processor = DetrisImageProcessor(size=size)
+    height, width = processor.size.height, processor.size.width
+    out = processor(np.zeros((37, 53, 3), np.uint8))
+    assert out["pixel_values"].shape == (1, 3, height, width)
+    processor.save_pretrained(tmp_path)
+    reloaded = DetrisImageProcessor.from_pretrained(tmp_path)
+    assert same(reloaded(np.zeros((37, 53, 3), np.uint8))["pixel_values"], out["pixel_values"])
+    assert DetrisImageProcessor()(np.zeros((37, 53, 3), np.uint8), size=size)["pixel_values"].shape[-2:] == (height, width)
+
+
+def test_half_precision_tensors_are_read():
+    image = torch.rand(3, 37, 53)
+    reference = DetrisImageProcessor()(image.to(torch.bfloat16).float())["pixel_values"]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert same(DetrisImageProcessor()(image.to(dtype).float())["pixel_values"],
+                           DetrisImageProcessor()(image.to(dtype))["pixel_values"])
+    assert reference.shape == (1, 3, 448, 448)
+    mask = torch.zeros(37, 53, dtype=torch.bfloat16)
+    mask[5:20, 5:30] = 1
+    labels = DetrisImageProcessor()(image, masks=mask)["labels"]
+    assert labels.max() == 1.0
+
+
+def test_non_image_files_are_named_in_one_error(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(ValueError, match=r"notes.txt' is corrupt or not an image"):
+        DetrisImageProcessor()(str(notes))
+    with pytest.raises(ValueError, match=r"The image 'a/b.png' is corrupt or not an image"):
+        DetrisImageProcessor()({"bytes": b"nope", "path": "a/b.png"})

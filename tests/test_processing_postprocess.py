@@ -96,3 +96,23 @@ def test_runs_on_the_logits_device_and_dtype(processor):
     mask = processor.post_process_referring_segmentation(logits, [(480, 640)])[0]
     assert mask.device == logits.device and mask.dtype == torch.bool
     assert (mask.numpy() == golden_mask(0)).mean() > 0.99  # bf16 logits lose precision near the threshold
+
+
+@pytest.mark.parametrize("implementation", ["opencv", "torch"])
+def test_huge_target_sizes_are_refused_before_allocating(implementation):
+    """A 100000 x 100000 target would allocate ~80 GB of sampling grid; it is refused by the pixel limit first."""
+    processor = DetrisImageProcessor()
+    with pytest.raises(ValueError, match=r"target size has 100000 x 100000 = 10000000000 pixels.*max_image_pixels"):
+        processor.post_process_referring_segmentation(torch.zeros(1, 1, 128, 128), [(100000, 100000)],
+                                                      implementation=implementation)
+    small = DetrisImageProcessor(max_image_pixels=100)
+    assert small.post_process_referring_segmentation(torch.zeros(1, 1, 128, 128), [(10, 10)])[0].shape == (10, 10)
+    with pytest.raises(ValueError, match="10 x 11 = 110 pixels"):
+        small.post_process_referring_segmentation(torch.zeros(1, 1, 128, 128), [(10, 11)])
+
+
+def test_half_precision_logits(processor):
+    logits = torch.from_numpy(GOLDEN["logits_0"])
+    reference = processor.post_process_referring_segmentation(logits, [(480, 640)])[0]
+    mask = processor.post_process_referring_segmentation(logits.half(), [(480, 640)])[0]
+    assert (mask == reference).float().mean() > 0.99

@@ -1,6 +1,10 @@
 """DetrisProcessor: pairing, outputs, bad input, save/load and Auto classes."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +110,49 @@ def test_save_pretrained_round_trip_and_auto_classes(tmp_path, image):
         assert b["input_ids"].tolist() == TOKENS["input_ids"]["22"]
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), DetrisImageProcessor)
     assert isinstance(AutoTokenizer.from_pretrained(tmp_path), DetrisTokenizer)
+
+
+def run_fresh(code: str, cwd, pythonpath: str, tmp_path) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter: only what it imports is registered."""
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+USE_PROCESSOR = """
+    import numpy as np
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(FOLDER{trust})
+    out = processor(images=np.zeros((30, 40, 3), np.uint8), text=["the dog", "a cat"], return_tensors="pt")
+    print(type(processor).__name__, type(processor.image_processor).__name__, type(processor.tokenizer).__name__,
+          tuple(out["pixel_values"].shape), out["input_ids"][0].tolist())
+"""
+
+
+def test_a_saved_folder_gives_the_detris_processor_in_a_fresh_process(tmp_path):
+    """The documented import line, or no import of ours at all with `trust_remote_code=True` (the folder carries its
+    processing files and `auto_map`): either way `AutoProcessor` gives a working DetrisProcessor."""
+    folder = tmp_path / "model"
+    save_processor(folder, word_len=17)
+    DetrisConfig().save_pretrained(folder)
+    assert {"processing_detris.py", "image_processing_detris.py", "tokenization_detris.py"} <= {p.name for p in folder.iterdir()}
+    expected_ids = DetrisProcessor()(text=["the dog"])["input_ids"][0].tolist()
+    repo = str(Path(__file__).resolve().parents[1])
+    expected = f"DetrisProcessor DetrisImageProcessor DetrisTokenizer (2, 3, 448, 448) {expected_ids}"
+
+    documented = run_fresh("import modeling_detris, processing_detris\nFOLDER = %r\n" % str(folder)
+                           + textwrap.dedent(USE_PROCESSOR.format(trust="")), repo, repo, tmp_path)
+    assert documented.returncode == 0, documented.stderr[-2000:]
+    assert documented.stdout.strip() == expected
+
+    # Neither package importable (another folder, empty PYTHONPATH): the folder's own code is used.
+    remote = run_fresh("FOLDER = %r\n" % str(folder) + textwrap.dedent(USE_PROCESSOR.format(trust=", trust_remote_code=True")),
+                       tmp_path, "", tmp_path)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert remote.stdout.strip() == expected
+
+    # Only the model registered: a clear request for trust_remote_code, never a plain tokenizer that ignores images.
+    partial = run_fresh("import modeling_detris\nFOLDER = %r\n" % str(folder) + textwrap.dedent(USE_PROCESSOR.format(trust="")),
+                        repo, repo, tmp_path)
+    assert partial.returncode != 0 and "trust_remote_code=True" in partial.stderr

@@ -19,8 +19,6 @@ from pathlib import Path
 
 from training.evaluation import inference_mode
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
-
 
 def plot_history(history: list[dict], path: Path, baseline: float):
     """Training curve (train loss is not per epoch here; the plot shows validation mIoU / oIoU per epoch)."""
@@ -59,13 +57,13 @@ def plot_history(history: list[dict], path: Path, baseline: float):
 
 @inference_mode
 def overlay_examples(model, processor, dataset, path: Path, images: int = 4):
-    """Each test image with all its expressions predicted in one batch, each in its own colour, with a legend."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    """Each test image with all its expressions predicted in one batch, each in its own colour with its ground truth
+    dashed, and a legend (`draw_referring_overlay`), side by side."""
+    from PIL import Image
 
+    from processing_detris import draw_referring_overlay
     from training.data.collate import processor_image
-
-    from processing_detris.image_processing_detris import to_rgb_uint8
+    from training.data.masks import decode_rle
 
     by_image = {}
     for row in dataset:
@@ -79,19 +77,8 @@ def overlay_examples(model, processor, dataset, path: Path, images: int = 4):
         inputs = processor(images=image, text=texts, return_tensors="pt")
         logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"]).logits
         masks = processor.post_process_referring_segmentation(logits, inputs["original_sizes"])
-        rgb = to_rgb_uint8(image).astype(np.float32)
-        for k, mask in enumerate(masks):
-            m = mask.numpy()
-            rgb[m] = 0.4 * rgb[m] + 0.6 * np.array(COLOURS[k % len(COLOURS)])
-        tile = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).resize((256, 256), Image.NEAREST)
-        canvas = Image.new("RGB", (256, 256 + 14 * len(texts) + 4), "white")
-        canvas.paste(tile, (0, 0))
-        draw = ImageDraw.Draw(canvas)
-        for k, text in enumerate(texts):
-            y = 258 + 14 * k
-            draw.rectangle((2, y + 2, 10, y + 10), fill=COLOURS[k % len(COLOURS)])
-            draw.text((14, y), text[:38], fill=(0, 0, 0))
-        tiles.append(canvas)
+        truths = [decode_rle(row["mask"]).astype(bool) for row in rows]
+        tiles.append(draw_referring_overlay(image, masks, texts, ground_truth=truths, width=256))
     total = Image.new("RGB", (sum(t.width for t in tiles) + 8 * len(tiles), max(t.height for t in tiles)), "white")
     x = 0
     for tile in tiles:

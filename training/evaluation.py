@@ -98,11 +98,11 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 @inference_mode
 def prediction_grid(model, processor, dataset, indices, ious, path, cell: int = 192, title: str = ""):
-    """A PNG grid: each cell the image with the prediction (red) and ground-truth outline (green), the expression
-    and its IoU."""
-    import numpy as np
+    """A PNG grid, 4 pictures per row, each `cell` pixels wide: the image with the prediction filled and outlined and
+    the ground truth as a dashed outline, the expression and its IoU in full below (`draw_referring_overlay`)."""
     from PIL import Image, ImageDraw
 
+    from processing_detris import draw_referring_overlay
     from training.data.collate import processor_image
     from training.data.masks import decode_rle
 
@@ -113,25 +113,21 @@ def prediction_grid(model, processor, dataset, indices, ious, path, cell: int = 
     inputs = processor(images=images, text=[r["sentence"] for r in rows], return_tensors="pt")
     logits = model(pixel_values=inputs["pixel_values"].to(device), input_ids=inputs["input_ids"].to(device)).logits
     masks = processor.post_process_referring_segmentation(logits.float(), inputs["original_sizes"])
-    columns = min(4, len(rows)) or 1
-    grid = Image.new("RGB", (columns * cell, ((len(rows) + columns - 1) // columns) * (cell + 28) + 20), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), title, fill=(0, 0, 0))
-    for k, (row, mask, index) in enumerate(zip(rows, masks, indices)):
-        from processing_detris.image_processing_detris import to_rgb_uint8
-
-        rgb = to_rgb_uint8(images[k]).astype(np.float32)
-        pred = mask.cpu().numpy()
-        gt = decode_rle(row["mask"]).astype(bool)
-        rgb[pred] = 0.45 * rgb[pred] + 0.55 * np.array([230, 30, 30])
-        edge = gt & ~np.pad(gt, 1, mode="edge")[2:, 1:-1] | gt & ~np.pad(gt, 1, mode="edge")[1:-1, 2:]
-        rgb[edge] = (30, 200, 30)
-        tile = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-        tile.thumbnail((cell, cell))
-        x, y = (k % columns) * cell, 20 + (k // columns) * (cell + 28)
-        grid.paste(tile, (x, y))
-        draw.text((x + 2, y + cell + 1), row["sentence"][:34], fill=(0, 0, 0))
-        draw.text((x + 2, y + cell + 13), f"IoU {float(ious[int(index)]):.2f}", fill=(0, 0, 0))
+    tiles = [
+        draw_referring_overlay(image, [mask], [f"{row['sentence']} (IoU {float(ious[int(index)]):.2f})"],
+                               ground_truth=decode_rle(row["mask"]).astype(bool), width=cell)
+        for image, row, mask, index in zip(images, rows, masks, indices)
+    ]
+    columns = min(4, len(tiles)) or 1
+    row_heights = [max(t.height for t in tiles[k:k + columns]) for k in range(0, len(tiles), columns)]
+    title_height = 20
+    grid = Image.new("RGB", (columns * cell, title_height + sum(row_heights)), "white")
+    ImageDraw.Draw(grid).text((4, 4), title, fill=(0, 0, 0))
+    y = title_height
+    for start, height in zip(range(0, len(tiles), columns), row_heights):
+        for k, tile in enumerate(tiles[start:start + columns]):
+            grid.paste(tile, (k * cell, y))
+        y += height
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
@@ -216,7 +212,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="all: every expression (official test); first: the first of each object (official validation)")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many expressions per split")
     parser.add_argument("--grid", type=int, default=8,
-                        help="predictions drawn per split: N/2 best in <split>_best.png, N/2 worst in <split>_worst.png (0: none)")
+                        help="N: <split>_best.png shows the N/2 best predictions, <split>_worst.png the N/2 worst "
+                             "(0: no grids)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     return parser

@@ -1,14 +1,15 @@
 # Copyright 2025 The detris-hf authors. Licensed under the MIT License.
 """Referring-segmentation IoU metrics (mIoU, oIoU, Pr@50..90) with the official DETRIS/CRIS semantics.
 
-Self-contained `evaluate` module: `evaluate.load("<path>/processing_detris/referring_iou")` works offline
-(`processing_detris.referring_iou.METRIC_PATH` holds the path).
+An `evaluate` module around `processing_detris.metrics` (the one implementation):
+`evaluate.load(processing_detris.REFERRING_IOU_METRIC_PATH)` works offline where `processing_detris` is installed.
 """
 
 import datasets
 import evaluate
 import numpy as np
-import torch
+
+from processing_detris.metrics import ReferringSegmentationMetric
 
 
 _DESCRIPTION = """
@@ -66,25 +67,8 @@ class ReferringIou(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        intersections, unions = [], []
-        for index, (pred, ref) in enumerate(zip(predictions, references)):
-            pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
-            if pred.shape != ref.shape:
-                raise ValueError(f"Sample {index}: prediction shape {pred.shape} != reference shape {ref.shape}.")
-            intersections.append(np.count_nonzero(pred & ref))
-            unions.append(np.count_nonzero(pred | ref))
-        if not intersections:
-            raise ValueError("No samples to compute referring-segmentation metrics on.")
-        intersections = np.asarray(intersections, dtype=np.float64)
-        unions = np.asarray(unions, dtype=np.float64)
-        ious = intersections / (unions + 1e-6)
-        results = {
-            "mIoU": float(ious.mean()),
-            "oIoU": float(intersections.sum() / unions.sum()) if unions.sum() > 0 else 0.0,
-        }
-        ious_t = torch.from_numpy(ious)
-        for threshold in torch.arange(0.5, 1.0, 0.1):
-            results[f"Pr@{round(float(threshold) * 100)}"] = float((ious_t > threshold).float().mean())
-        results["num_samples"] = int(ious.size)
-        results["per_sample_iou"] = ious.tolist()
+        metric = ReferringSegmentationMetric()
+        metric.update([np.asarray(p, dtype=bool) for p in predictions], [np.asarray(r, dtype=bool) for r in references])
+        results = metric.compute()
+        results["per_sample_iou"] = metric.per_sample_iou().tolist()
         return results

@@ -29,10 +29,12 @@ import os
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
+from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
+from processing_detris import get_letterbox_affine, letterbox_image, letterbox_mask, to_rgb_uint8
 from training.folders import atomic_folder
 
-from .imageops import CLIP_MEAN, CLIP_STD, decode_image, letterbox_image, letterbox_mask, letterbox_matrices
 from .masks import decode_rle
 from .sentences import sentence_index
 
@@ -51,11 +53,10 @@ def _processor_size(processor, default: int = 448) -> int:
             if isinstance(v, int):
                 return v
         size = getattr(obj, "size", None)
+        if hasattr(size, "get") and size.get("height"):  # a dict or transformers' SizeDict
+            return int(size["height"])
         if isinstance(size, int):
             return size
-        height = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)  # dict or SizeDict
-        if height:
-            return int(height)
     return default
 
 
@@ -138,7 +139,7 @@ def build_letterbox_cache(
     """Write the cache for an object-level ``datasets.Dataset`` (see module docstring).
 
     ``processor`` (optional) tokenises every sentence once and fixes the input size; the letterbox is
-    the official one (:mod:`training.data.imageops`), which the tests check against the processor.
+    the processor's own (`processing_detris.letterbox_image` / `letterbox_mask`), so the cache equals its output.
     The cache is written whole or not at all (``training.folders.atomic_folder``).
     """
     size = int(size or (_processor_size(processor) if processor is not None else 448))
@@ -164,17 +165,17 @@ def build_letterbox_cache(
         for i, r in enumerate(tqdm(ds, total=n, desc="letterbox cache", disable=not progress, unit="row")):
             m = decode_rle(r["mask"])
             h, w = m.shape
-            mat, mat_inv = letterbox_matrices(h, w, size)
+            mat, mat_inv = get_letterbox_affine(h, w, size, size)
             k = row_image[i]
             if not done[k]:
-                img = decode_image(r["image"])
+                img = to_rgb_uint8(r["image"])
                 if img.shape[:2] != (h, w):
                     raise ValueError(
                         f"ref_id={r.get('ref_id')}: image is {img.shape[0]}x{img.shape[1]}, mask is {h}x{w}; expected equal"
                     )
-                images[k] = letterbox_image(img, size, mat).transpose(2, 0, 1)
+                images[k] = letterbox_image(img, mat, (size, size)).transpose(2, 0, 1)
                 done[k] = True
-            wm = letterbox_mask(m * np.uint8(255), size, mat)
+            wm = letterbox_mask(m * np.uint8(255), mat, (size, size))
             ys, xs = np.nonzero(wm.any(axis=1))[0], np.nonzero(wm.any(axis=0))[0]
             if len(ys):
                 y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1

@@ -18,20 +18,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .imageops import decode_image
+from processing_detris import to_rgb_uint8
+
 from .masks import decode_rle
 from .sentences import sentence_index
 
 __all__ = ["DetrisDataCollator", "row_mask", "processor_image"]
-
-
-def _to_rgb(value) -> np.ndarray:
-    """Decode once with the processor's own decoder (falls back to the OpenCV one in imageops)."""
-    try:
-        from processing_detris.image_processing_detris import to_rgb_uint8
-    except ImportError:  # processor package not importable
-        return decode_image(value)
-    return to_rgb_uint8(value)
 
 
 def processor_image(value):
@@ -113,7 +105,7 @@ class DetrisDataCollator:
         for r, _, _ in samples:
             key = id(r)
             if key not in decoded:
-                decoded[key] = (_to_rgb(processor_image(r["image"])), torch.from_numpy(decode_rle(r["mask"]).astype(bool)))
+                decoded[key] = (to_rgb_uint8(processor_image(r["image"])), torch.from_numpy(decode_rle(r["mask"]).astype(bool)))
             images.append(decoded[key][0])
             gts.append(decoded[key][1])
         rows_ = [r for r, _, _ in samples]

@@ -40,6 +40,8 @@ import cv2
 import numpy as np
 from datasets import Dataset, DatasetDict, List, Value
 
+from processing_detris.metrics import IOU_EPSILON, ReferringSegmentationMetric, intersection_and_union
+
 from .masks import binary_mask_to_rle, decode_rle, rle_bbox
 from .schema import object_features
 
@@ -458,40 +460,33 @@ def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, progr
 # text-blind baseline
 
 
-def _iou_stats(pred: np.ndarray, gt: np.ndarray):
-    i = int(np.logical_and(pred, gt).sum())
-    u = int(np.logical_or(pred, gt).sum())
-    return i, u
-
-
 def text_blind_baseline(ds: Dataset) -> dict:
-    """mIoU / oIoU (per sentence, DETRIS semantics: IoU = I / (U + 1e-6)) of predictions that ignore the text.
+    """mIoU / oIoU (per sentence, DETRIS semantics, `processing_detris.metrics`) of predictions that ignore the text.
 
     Strategies: ``all_shapes`` (union of every shape), ``largest_shape`` (the most salient shape, by visible
-    area), ``random_shape`` (expected IoU of a uniformly chosen shape).  ``best`` is the highest mIoU.
+    area), ``random_shape`` (expected IoU of a uniformly chosen shape: the mean over shapes of their IoU, and for
+    oIoU the mean intersection over the mean union).  ``best`` is the highest mIoU.
     """
-    acc = {k: {"iou": [], "I": 0, "U": 0} for k in ("all_shapes", "largest_shape", "random_shape")}
+    metrics = {k: ReferringSegmentationMetric() for k in ("all_shapes", "largest_shape")}
+    random_iou, random_i, random_u = [], 0.0, 0.0
     for row in ds.select_columns(["scene", "mask", "sentences"]):
         scene = json.loads(row["scene"])
         gt = decode_rle(row["mask"]).astype(bool)
         masks = [decode_rle(o["mask"]).astype(bool) for o in scene]
-        preds = {
-            "all_shapes": np.logical_or.reduce(masks),
-            "largest_shape": masks[int(np.argmax([o["area"] for o in scene]))],
-        }
-        stats = {k: _iou_stats(p, gt) for k, p in preds.items()}
-        rs = [_iou_stats(m, gt) for m in masks]
+        candidates = [np.logical_or.reduce(masks), masks[int(np.argmax([o["area"] for o in scene]))], *masks]
+        intersections, unions = intersection_and_union(candidates, [gt] * len(candidates))
+        per_shape_iou = intersections[2:].double() / (unions[2:].double() + IOU_EPSILON)
         for _ in row["sentences"]:
-            for k, (i, u) in stats.items():
-                acc[k]["iou"].append(i / (u + 1e-6))
-                acc[k]["I"] += i
-                acc[k]["U"] += u
-            acc["random_shape"]["iou"].append(float(np.mean([i / (u + 1e-6) for i, u in rs])))
-            acc["random_shape"]["I"] += float(np.mean([i for i, _ in rs]))
-            acc["random_shape"]["U"] += float(np.mean([u for _, u in rs]))
+            for metric, index in zip(metrics.values(), (0, 1)):
+                metric.add_counts(intersections[index:index + 1], unions[index:index + 1])
+            random_iou.append(float(per_shape_iou.mean()))
+            random_i += float(intersections[2:].double().mean())
+            random_u += float(unions[2:].double().mean())
     out = {}
-    for k, a in acc.items():
-        out[k] = {"mIoU": float(np.mean(a["iou"])) if a["iou"] else 0.0,
-                  "oIoU": float(a["I"] / (a["U"] + 1e-6)), "n": len(a["iou"])}
-    out["best"] = max((k for k in acc), key=lambda k: out[k]["mIoU"])
+    for k, metric in metrics.items():
+        result = metric.compute() if len(metric) else {"mIoU": 0.0, "oIoU": 0.0}
+        out[k] = {"mIoU": result["mIoU"], "oIoU": result["oIoU"], "n": len(metric)}
+    out["random_shape"] = {"mIoU": float(np.mean(random_iou)) if random_iou else 0.0,
+                           "oIoU": random_i / random_u if random_u > 0 else 0.0, "n": len(random_iou)}
+    out["best"] = max(("all_shapes", "largest_shape", "random_shape"), key=lambda k: out[k]["mIoU"])
     return out
