@@ -22,7 +22,7 @@ from training.data import (
     to_sentence_level,
 )
 from training.data.cli import main_refer
-from training.data.fixtures import SCHEMES, make_refer_fixture, make_refs, py2_pickle_dumps
+from refer_fixture import SCHEMES, make_refer_fixture, make_refs, py2_pickle_dumps
 from training.data.safe_pickle import DataOnlyUnpickler
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),

@@ -11,7 +11,7 @@ import pytest
 
 from training.data import CorruptAnnotationError, build_refer_dataset, load_custom_folder
 from training.data.cli import main as data_main
-from training.data.fixtures import make_refer_fixture
+from refer_fixture import make_refer_fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]

@@ -15,7 +15,7 @@ from training.data import (
     load_custom_folder,
     load_refer_from_hub,
 )
-from training.data.fixtures import make_refer_fixture
+from refer_fixture import make_refer_fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # pycocotools + numpy 2
