@@ -1,9 +1,11 @@
 """Run under `torchrun --nproc_per_node 2` by tests/test_training.py: trains a tiny DETRIS for a few steps with the
-accelerate loop, then checks on every rank that the trained parameters are identical and that a gathered
+accelerate loop with a TensorBoard tracker (whose end_training closes the process group: the run must still end
+cleanly), then checks on every rank that the trained parameters are identical and that a gathered
 evaluation counts every sample exactly once. Rank 0 writes the findings as JSON to argv[2]."""
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -19,9 +21,13 @@ from training.train import build_processor, load_datasets, train  # noqa: E402
 
 def main():
     output_dir, report = sys.argv[1], sys.argv[2]
-    cfg = tiny_recipe(output_dir, epochs=1, per_device_batch_size=2, total_batch_size=4, eval_split=None)
+    cfg = tiny_recipe(output_dir, epochs=1, per_device_batch_size=2, total_batch_size=4, eval_split=None,
+                      log_with="tensorboard")
     datasets = load_datasets(cfg)
     summary = train(cfg, datasets=datasets)
+    if not dist.is_initialized():  # end_training destroyed the group: form a new one (fresh store) for the checks
+        dist.init_process_group("gloo", init_method=f"file://{os.path.abspath(output_dir)}/.checks-store",
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     accelerator = Accelerator(cpu=True)
     from transformers import AutoModel
 

@@ -19,7 +19,7 @@ from training.data import (
     decode_rle,
     to_sentence_level,
 )
-from training.data.fixtures import make_refer_fixture
+from refer_fixture import make_refer_fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # pycocotools + numpy 2

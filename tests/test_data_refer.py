@@ -22,7 +22,7 @@ from training.data import (
     to_sentence_level,
 )
 from training.data.cli import main_refer
-from training.data.fixtures import SCHEMES, make_refer_fixture, make_refs, py2_pickle_dumps
+from refer_fixture import SCHEMES, make_refer_fixture, make_refs, py2_pickle_dumps
 from training.data.safe_pickle import DataOnlyUnpickler
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
@@ -217,13 +217,15 @@ def test_cli_refer_saves_atomically(fx, tmp_path, capsys):
     dd = datasets.load_from_disk(str(out))
     ref = build_refer_dataset(fx["refer_root"], fx["images_root"], "refcoco", "unc", progress=False)
     assert {k: v.to_list() for k, v in dd.items()} == {k: v.to_list() for k, v in ref.items()}
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main_refer(args)
+    # user mistakes end in one line naming the problem, exit code 2
+    assert main_refer(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--overwrite" in error and len(error.splitlines()) == 1
     # a failing rebuild leaves the saved data untouched (and no temp folders behind)
     before = sorted(os.listdir(out))
     shutil.rmtree(fx["images_root"])
-    with pytest.raises(FileNotFoundError):
-        main_refer(args + ["--overwrite"])
+    assert main_refer(args + ["--overwrite"]) == 2
+    assert "image file not found" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before
     assert datasets.load_from_disk(str(out))["train"].num_rows == 2
     assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []

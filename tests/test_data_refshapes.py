@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from training.data import RefShapesConfig, build_refshapes, decode_rle, text_blind_baseline
-from training.data.refshapes import COLOURS, EXPRESSION_TYPES, KINDS, main as refshapes_main
+from training.data.cli import main as data_main
+from training.data.refshapes import COLOURS, EXPRESSION_TYPES, KINDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools + numpy 2
 CFG = dict(seed=11, n_train=40, n_validation=10, n_test=10)
@@ -144,7 +145,7 @@ def test_text_blind_baseline_reported(dd, tmp_path, capsys):
         assert 0 < b[k]["mIoU"] < 0.6 and 0 < b[k]["oIoU"] < 0.6
         assert b[k]["n"] == sum(len(s) for s in dd["validation"]["sentences"])
     assert b["best"] in b
-    assert refshapes_main(["--output", str(tmp_path / "rs"), "--n-train", "6", "--n-validation", "3", "--n-test", "3"]) == 0
+    assert data_main(["refshapes", "--output", str(tmp_path / "rs"), "--n-train", "6", "--n-validation", "3", "--n-test", "3"]) == 0
     out = capsys.readouterr().out
     assert "text-blind baseline (validation)" in out and "mIoU" in out
 

@@ -15,7 +15,7 @@ from training.data import (
     load_custom_folder,
     load_refer_from_hub,
 )
-from training.data.fixtures import make_refer_fixture
+from refer_fixture import make_refer_fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # pycocotools + numpy 2
@@ -33,7 +33,7 @@ def _rows(dd):
 
 
 def _write_jxu124_parquet(fx, out_dir):
-    """A local parquet copy with the jxu124/refcoco schema (ECOSYSTEM.md §4.1)."""
+    """A local parquet copy with the jxu124/refcoco schema (docs/data.md, "From the Hub parquet copies")."""
     import pickle
 
     refs = pickle.loads(open(os.path.join(fx["refer_root"], "refcoco", "refs(unc).p"), "rb").read(), encoding="latin1")
@@ -112,7 +112,7 @@ def _custom_folder(fx, root):
 def test_custom_folder_matches_refer_path(fx, tmp_path):
     root = str(tmp_path / "custom")
     _custom_folder(fx, root)
-    dd = load_custom_folder(root, dataset_name="refcoco", progress=False)
+    dd = load_custom_folder(root, dataset_name="refcoco", progress=False, allow_absolute_paths=True)
     assert dd["train"].features == fx["reference"]["train"].features
     ref = _rows(fx["reference"])
     got = _rows(dd)

@@ -8,7 +8,7 @@ import pytest
 
 from official_standins import make_official_checkpoint, write_config
 from training.cli import main as cli
-from training.data.fixtures import make_refer_fixture
+from refer_fixture import make_refer_fixture
 from training.reproduce import compare, find_checkpoints, markdown_tables, variant_from_name
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -22,7 +22,7 @@ OFFICIAL_FILES = {  # path under --official-dir -> (variant, datasets evaluated)
     "base/base_refcocog_g.pth": ("base", ["refcocog-google"]),
     "mix/mix.pth": ("large-mixed", ["refcoco", "refcoco+", "refcocog-umd"]),
 }
-# expressions per split in the fixture (training/data/fixtures.py): every one of them must be evaluated
+# expressions per split in the fixture (tests/refer_fixture.py): every one of them must be evaluated
 SENTENCES = {("refcoco", "val"): 1, ("refcoco", "testA"): 1, ("refcoco", "testB"): 2, ("refcoco+", "val"): 1,
              ("refcoco+", "testA"): 1, ("refcoco+", "testB"): 2, ("refcocog-umd", "val"): 1,
              ("refcocog-umd", "test"): 3, ("refcocog-google", "val"): 5}

@@ -1,4 +1,5 @@
-"""The `detris` command: a thin dispatcher. Each subcommand lives with the package it serves."""
+"""The `detris` command: a thin dispatcher. Each subcommand lives with the package it serves and is imported by its
+module name only when it runs."""
 
 import sys
 
@@ -9,7 +10,7 @@ commands:
   provenance compare a base folder's frozen backbones with the public DINOv2 / CLIP weights (modeling_detris.provenance)
   info       parameter counts of a preset or a saved model (modeling_detris.info)
   data       build datasets: refer | hub | custom | refshapes | cache (training.data.cli)
-  train      train adapters + head with accelerate (training.train)
+  train      train adapters + head: accelerate loop, or transformers.Trainer with --trainer hf (training.train)
   eval       official evaluation: mIoU / oIoU / Pr@X tables and prediction grids (training.evaluation)
   demo       the end-to-end demo run by `make demo` (training.demo)
   bench      throughput, memory and FLOP utilisation on this machine, CPU or CUDA (benchmarks.bench_model)
@@ -25,98 +26,52 @@ commands:
 """
 
 
-def _save_processor(output_dir, config):
-    """Write the processor beside a converted model, with the model's text length and input size."""
-    from processing_detris.processing_detris import save_processor
-
-    save_processor(str(output_dir), config=config)
-
-
-def _convert(argv):
-    from modeling_detris.convert_original import main
-
-    return main(argv, save_extras=_save_processor)
-
-
-def _info(argv):
-    from modeling_detris.info import main
-
-    return main(argv)
-
-
-def _data(argv):
-    from training.data.cli import main
-
-    return main(argv)
+# command -> "module:function", imported only when that command runs (so `detris --help` and `detris X --help` load
+# nothing they do not need, and this dispatcher depends on no package it dispatches to)
+COMMANDS = {
+    "convert": "training.cli:convert_main",
+    "provenance": "modeling_detris.provenance:main",
+    "info": "modeling_detris.info:main",
+    "data": "training.data.cli:main",
+    "train": "training.train:main",
+    "eval": "training.evaluation:main",
+    "demo": "training.demo:main",
+    "bench": "benchmarks.bench_model:main",
+    "reproduce": "training.reproduce:main",
+    "card": "hub_card.card:main",
+    "export": "hub_card.export:main",
+    "push": "hub_card.push:main",
+    "predict": "hub_card.predict:main",
+    "space": "hub_card.space:main",
+    "app": "hub_card.space:app_main",
+}
 
 
-def _train(argv):
-    from training.train import main
+def convert_main(argv) -> int:
+    """`detris convert`: the converter (modeling_detris) with the processor written beside each converted model
+    (processing_detris); the two packages do not import each other, so the dispatcher joins them."""
+    from importlib import import_module
 
-    return main(argv)
-
-
-def _eval(argv):
-    from training.evaluation import main
-
-    return main(argv)
+    save_processor = import_module("processing_detris.processing_detris").save_processor
+    convert = import_module("modeling_detris.convert_original").main
+    return convert(argv, save_extras=lambda folder, config: save_processor(str(folder), config=config))
 
 
-def _demo(argv):
-    from training.demo import main
+def resolve(command: str):
+    """The `main(argv)` function of a command, imported by name."""
+    from importlib import import_module
 
-    return main(argv)
-
-
-def _provenance(argv):
-    from modeling_detris.provenance import main
-
-    return main(argv)
-
-
-def _reproduce(argv):
-    from training.reproduce import main
-
-    return main(argv)
-
-
-def _hub(name):
-    def run(argv):
-        from importlib import import_module
-
-        return import_module(f"hub_card.{name}").main(argv)
-
-    return run
-
-
-COMMANDS = {"convert": _convert, "info": _info, "data": _data, "train": _train, "eval": _eval, "demo": _demo}
-COMMANDS.update({"provenance": _provenance, "reproduce": _reproduce})
-COMMANDS.update({name: _hub(name) for name in ("card", "export", "push", "predict", "space")})
-
-
-def _app(argv):
-    from hub_card.space import app_main
-
-    return app_main(argv)
-
-
-COMMANDS["app"] = _app
-
-
-def _bench(argv):
+    module_name, function = COMMANDS[command].split(":")
     try:
-        from benchmarks.bench_model import main
-    except ModuleNotFoundError as exc:  # an editable install made before `benchmarks` was packaged
-        if exc.name != "benchmarks":
+        module = import_module(module_name)
+    except ModuleNotFoundError as error:  # `benchmarks` lives beside the packages, not inside an installed wheel
+        if error.name != module_name.split(".")[0]:
             raise
         from pathlib import Path
 
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from benchmarks.bench_model import main
-    return main(argv)
-
-
-COMMANDS["bench"] = _bench
+        module = import_module(module_name)
+    return getattr(module, function)
 
 
 def main(argv=None) -> int:
@@ -128,7 +83,7 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"detris: unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return COMMANDS[command](rest) or 0
+    return resolve(command)(rest) or 0
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
+from training.evaluation import inference_mode
 
 
 def plot_history(history: list[dict], path: Path, baseline: float):
     """Training curve (train loss is not per epoch here; the plot shows validation mIoU / oIoU per epoch)."""
+    from PIL import Image, ImageDraw
+
     width, height, margin = 560, 320, 48
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -54,14 +55,15 @@ def plot_history(history: list[dict], path: Path, baseline: float):
     image.save(path)
 
 
-@torch.inference_mode()
+@inference_mode
 def overlay_examples(model, processor, dataset, path: Path, images: int = 4):
     """Each test image with all its expressions predicted in one batch, each in its own colour with its ground truth
     dashed, and a legend (`draw_referring_overlay`), side by side."""
-    from training.data.collate import processor_image
-    from training.data.masks import decode_rle
+    from PIL import Image
 
     from processing_detris import draw_referring_overlay
+    from training.data.collate import processor_image
+    from training.data.masks import decode_rle
 
     by_image = {}
     for row in dataset:
@@ -97,7 +99,7 @@ def run_demo(output: Path, overrides: list[str]) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     cfg = load_training_config("refshapes-demo", [f"output_dir={output / 'run'}", *overrides])
     print(f"[demo] generating RefShapes {cfg.refshapes} ...", file=sys.stderr)
-    data = build_refshapes(RefShapesConfig(**cfg.refshapes))
+    data = build_refshapes(RefShapesConfig(**cfg.refshapes), progress=True)
     baseline = text_blind_baseline(data["test"])
     baseline_miou = baseline[baseline["best"]]["mIoU"]
     print(f"[demo] text-blind baseline on test ({baseline['best']}): mIoU {baseline_miou:.3f}", file=sys.stderr)
@@ -148,6 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of training/recipes/refshapes-demo.yaml (e.g. epochs=2)")
     args = parser.parse_args(argv)
+    import torch
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
     report = run_demo(Path(args.output), args.set)
     test = report["test"]

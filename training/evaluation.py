@@ -6,24 +6,32 @@ computed from per-sample intersections and unions (`processing_detris.metrics`).
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
+# Heavy imports (torch, PIL, the processor) happen inside the functions, so `detris eval --help` is instant.
 
-from processing_detris import draw_referring_overlay
-from processing_detris.metrics import PRECISION_NAMES, ReferringSegmentationMetric, intersection_and_union
-from training.data import DetrisDataCollator, to_sentence_level
-from training.data.collate import processor_image
-from training.data.masks import decode_rle
+
+def inference_mode(function):
+    """`torch.inference_mode()` as a decorator that imports torch only when the function runs."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return function(*args, **kwargs)
+
+    return run
 
 
 def sentence_view(dataset, eval_sentences: str = "all", max_samples: int | None = None):
     """One row per evaluated expression: all of them (official test) or the first of each object (official
     validation during training)."""
+    from training.data.schema import to_sentence_level
+
     if "sentence" not in dataset.column_names:
         dataset = to_sentence_level(dataset)
         if eval_sentences == "first":
@@ -33,15 +41,21 @@ def sentence_view(dataset, eval_sentences: str = "all", max_samples: int | None 
     return dataset
 
 
-def eval_loader(dataset, processor, batch_size: int, num_workers: int = 0) -> DataLoader:
+def eval_loader(dataset, processor, batch_size: int, num_workers: int = 0):
+    from torch.utils.data import DataLoader
+
+    from training.data.collate import DetrisDataCollator
+
     collator = DetrisDataCollator(processor, train=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
 
 
-@torch.inference_mode()
+@inference_mode
 def evaluate_model(model, loader, processor, accelerator=None, threshold: float | None = None, show_progress=False):
     """Returns (metrics dict, per-sample IoU tensor in dataset order). Works on one process or under
     `accelerate` (counts gathered with `gather_for_metrics`, so every sample counts exactly once)."""
+    from processing_detris.metrics import ReferringSegmentationMetric, intersection_and_union
+
     was_training = model.training
     model.eval()
     threshold = threshold if threshold is not None else getattr(model.config, "mask_threshold", 0.35)
@@ -71,6 +85,8 @@ def evaluate_model(model, loader, processor, accelerator=None, threshold: float 
 
 # ----- reports --------------------------------------------------------------------------------------------------
 def markdown_table(results: dict[str, dict]) -> str:
+    from processing_detris.metrics import PRECISION_NAMES
+
     header = ["split", "samples", "mIoU", "oIoU", *PRECISION_NAMES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for split, m in results.items():
@@ -80,10 +96,16 @@ def markdown_table(results: dict[str, dict]) -> str:
         "expressions with IoU > X %. Values in %.\n"
 
 
-@torch.inference_mode()
+@inference_mode
 def prediction_grid(model, processor, dataset, indices, ious, path, cell: int = 192, title: str = ""):
     """A PNG grid, 4 pictures per row, each `cell` pixels wide: the image with the prediction filled and outlined and
     the ground truth as a dashed outline, the expression and its IoU in full below (`draw_referring_overlay`)."""
+    from PIL import Image, ImageDraw
+
+    from processing_detris import draw_referring_overlay
+    from training.data.collate import processor_image
+    from training.data.masks import decode_rle
+
     model.eval()
     device = next(model.parameters()).device
     rows = [dataset[int(i)] for i in indices]
@@ -111,20 +133,41 @@ def prediction_grid(model, processor, dataset, indices, ious, path, cell: int = 
     return path
 
 
-def load_eval_splits(dataset: str, splits: list[str], refshapes: dict | None = None):
-    """The DatasetDict named by `dataset`: a `save_to_disk` folder, or `refshapes`."""
-    if dataset == "refshapes":
-        from training.data import RefShapesConfig, build_refshapes
+EVALUATION_SPLIT_NAMES = ("val", "validation")  # a dataset's own evaluation split: refer files / RefShapes
 
-        data = build_refshapes(RefShapesConfig(**(refshapes or {})))
+
+class EvaluationSetupError(ValueError):
+    """A user mistake in `detris eval` (missing dataset, split or model)."""
+
+
+def default_eval_split(data) -> str:
+    """The dataset's own evaluation split (`val` for the refer datasets, `validation` for RefShapes)."""
+    for name in EVALUATION_SPLIT_NAMES:
+        if name in data:
+            return name
+    raise EvaluationSetupError(f"the dataset has no evaluation split {list(EVALUATION_SPLIT_NAMES)}; it has "
+                               f"{list(data)}: choose with --splits")
+
+
+def load_eval_splits(dataset: str, splits: list[str] | None, refshapes: dict | None = None):
+    """(the DatasetDict named by `dataset`: a `save_to_disk` folder, or `refshapes`; the splits to evaluate, by
+    default the dataset's own evaluation split)."""
+    if dataset == "refshapes":
+        from training.data.refshapes import RefShapesConfig, build_refshapes
+
+        data = build_refshapes(RefShapesConfig(**(refshapes or {})), progress=True)
     else:
+        if not (Path(dataset) / "dataset_dict.json").is_file():
+            raise EvaluationSetupError(f"--dataset {dataset!r} is not a dataset folder (no dataset_dict.json); expected a "
+                                       "folder written by `detris data ...` (docs/data.md), or 'refshapes'")
         from datasets import load_from_disk
 
         data = load_from_disk(dataset)
+    splits = splits or [default_eval_split(data)]
     missing = [s for s in splits if s not in data]
     if missing:
-        raise ValueError(f"splits {missing} are not in {dataset}; it has {list(data)}")
-    return data
+        raise EvaluationSetupError(f"splits {missing} are not in {dataset}; it has {list(data)}")
+    return data, splits
 
 
 def run_evaluation(model, processor, data, splits, output_dir, batch_size=16, eval_sentences="all", grid_size=8,
@@ -141,6 +184,8 @@ def run_evaluation(model, processor, data, splits, output_dir, batch_size=16, ev
         metrics, ious = evaluate_model(model, loader, processor, accelerator=accelerator, show_progress=True)
         results[split] = metrics
         if (accelerator is None or accelerator.is_main_process) and grid_size > 0:
+            import torch
+
             order = torch.argsort(ious, descending=True).tolist()
             half = max(1, grid_size // 2)
             prediction_grid(model, processor, view, order[:half], ious, output_dir / f"{split}_best.png", title=f"{split}: best")
@@ -152,14 +197,20 @@ def run_evaluation(model, processor, data, splits, output_dir, batch_size=16, ev
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detris eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="detris eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Evaluate a saved DETRIS with the official protocol (every expression, masks at the original image "
+                    "size): mIoU / oIoU / Pr@X tables (results.json in fractions, results.md in percent) and grids of "
+                    "the best and worst predictions.")
     parser.add_argument("--model", required=True, help="a saved DETRIS folder (model + processor)")
     parser.add_argument("--dataset", required=True, help="a folder written by `detris data ...`, or 'refshapes'")
-    parser.add_argument("--splits", default="val", help="comma-separated, e.g. val,testA,testB")
+    parser.add_argument("--splits", default=None,
+                        help="comma-separated, e.g. val,testA,testB (default: the dataset's evaluation split, val or validation)")
     parser.add_argument("--output", default=None, help="folder for results.json / results.md / grids (default: <model>/eval)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--sentences", choices=["all", "first"], default="all", help="official test: all")
-    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--sentences", choices=["all", "first"], default="all",
+                        help="all: every expression (official test); first: the first of each object (official validation)")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many expressions per split")
     parser.add_argument("--grid", type=int, default=8,
                         help="N: <split>_best.png shows the N/2 best predictions, <split>_worst.png the N/2 worst "
                              "(0: no grids)")
@@ -170,6 +221,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
+    for name in ("batch_size", "grid", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name != "grid" else 0):
+            print(f"detris eval: --{name.replace('_', '-')} must be >= {1 if name != 'grid' else 0}, got {value}", file=sys.stderr)
+            return 2
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"detris eval: --model {args.model!r} is not a saved model folder (no config.json); expected a folder "
+              "written by `detris train` (final/ or best/), `detris convert` or save_pretrained", file=sys.stderr)
+        return 2
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    try:
+        data, splits = load_eval_splits(args.dataset, splits)
+    except EvaluationSetupError as error:
+        print(f"detris eval: {error}", file=sys.stderr)
+        return 2
+    import torch
     from transformers import AutoModel, AutoProcessor
 
     import modeling_detris  # noqa: F401
@@ -178,8 +245,6 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    data = load_eval_splits(args.dataset, splits)
     output = args.output or str(Path(args.model) / "eval")
     results = run_evaluation(model, processor, data, splits, output, args.batch_size, args.sentences, args.grid, args.max_samples)
     print(markdown_table(results))

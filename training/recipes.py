@@ -3,12 +3,18 @@
     detris train --config refcoco-base            # a preset in training/recipes/
     detris train --config my.yaml --set epochs=5 --set per_device_batch_size=8
 
-Official recipe (ARCHITECTURE.md §4.1): Adam lr 1e-4, no weight decay, MultiStepLR(gamma 0.1) stepped per epoch at
+The dataclass is filled from YAML plus `--set key=value` overrides (values parsed as YAML, nested keys with dots), not
+with transformers' `HfArgumentParser`: two settings are nested dicts (`model_config`, `refshapes`) that it cannot
+parse from a command line, and importing it (~0.8 s, all of transformers) would make `detris train --help` slow.
+Every value is checked by `TrainingConfig.validate`.
+
+Official recipe (docs/training.md): Adam lr 1e-4, no weight decay, MultiStepLR(gamma 0.1) stepped per epoch at
 the milestones, 65 epochs (milestones 35, 55) for RefCOCO / RefCOCO+ / G-Ref umd with DETRIS-B, 50 epochs
 (milestone 35) for G-Ref google, every DETRIS-L and the mixed set; total batch 32.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +27,16 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 # torch.optim.Adam keyword arguments for each `optimizer_implementation`
 OPTIMIZER_IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+TRAINERS = ("accelerate", "hf")
+# settings that do not change what is computed: a resume may change them freely
+RUN_SETTINGS = ("output_dir", "resume", "allow_changed_settings", "log_with", "log_every_steps", "num_workers",
+                "keep_checkpoints", "checkpoint_every_steps", "eval_every_epochs", "max_eval_samples")
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The settings (outside RUN_SETTINGS) whose values differ between a checkpoint's record and this run."""
+    keys = (set(saved) | set(current)) - set(RUN_SETTINGS)
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
 @dataclass
@@ -44,6 +60,9 @@ class TrainingConfig:
     eval_sentences: str = "first"  # official validation: first sentence of each object; "all" = official test
     max_eval_samples: int | None = None
     num_workers: int = 0
+    # a folder of `detris data cache` for train_split: uint8 letterboxed images, masks and token ids read instead of
+    # decoding images at every step (same tensors, bit for bit)
+    letterbox_cache: str | None = None
 
     # optimisation
     epochs: int = 65
@@ -55,7 +74,7 @@ class TrainingConfig:
     per_device_batch_size: int | None = None  # default: total / (processes x accumulation)
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
-    max_grad_norm: float = 0.0  # official: no clipping
+    max_grad_norm: float = 0.0  # clip the gradient norm to this value; 0 = off (official: no clipping)
     # Adam's implementation (same update rule): "fused" (one kernel for all tensors, CPU and CUDA), "foreach" or
     # "for-loop" (torch's CPU default, one tensor at a time). Fused is 5x faster on the demo's 208 tensors on CPU.
     optimizer_implementation: str = "fused"
@@ -69,10 +88,42 @@ class TrainingConfig:
     log_every_steps: int = 10
     log_with: str | None = "tensorboard"
     resume: bool = True  # continue from the newest valid checkpoint in output_dir
+    # resuming with settings that differ from the checkpoint's is refused unless this is true (then the new values
+    # apply from the resumed step on, and the checkpoint records them)
+    allow_changed_settings: bool = False
+    # "accelerate": the plain loop (training/train.py); "hf": transformers.Trainer (training/hf_trainer.py)
+    trainer: str = "accelerate"
 
     def validate(self):
         for name in ("learning_rate", "weight_decay", "gamma", "max_grad_norm"):
-            setattr(self, name, float(getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("epochs", "total_batch_size", "gradient_accumulation_steps", "eval_every_epochs",
+                     "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "num_workers", "seed",
+                     "per_device_batch_size", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is None and name in ("per_device_batch_size", "max_eval_samples"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            minimum = 0 if name in ("checkpoint_every_steps", "num_workers", "seed") else 1
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        for name in ("random_backbones", "resume", "allow_changed_settings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1] (the factor of each learning-rate decay), got {self.gamma}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be > 0, or 0 for no clipping, got {self.max_grad_norm}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.optimizer_implementation not in OPTIMIZER_IMPLEMENTATIONS:
@@ -81,14 +132,21 @@ class TrainingConfig:
             )
         if self.eval_sentences not in ("first", "all"):
             raise ValueError(f"eval_sentences must be 'first' or 'all', got {self.eval_sentences!r}")
-        for name in ("epochs", "total_batch_size", "gradient_accumulation_steps", "eval_every_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if sorted(self.milestones) != list(self.milestones):
-            raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {list(TRAINERS)}, got {self.trainer!r}")
+        if not isinstance(self.milestones, list) or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in self.milestones):
+            raise ValueError(f"milestones must be a list of epochs >= 1, got {self.milestones!r}")
+        if sorted(set(self.milestones)) != list(self.milestones):
+            raise ValueError(f"milestones must be strictly increasing, got {self.milestones}")
+        for name in ("model_config", "refshapes"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 
 def available_recipes() -> list[str]:
@@ -132,3 +190,15 @@ def load_training_config(path_or_preset: str | None = None, overrides: list[str]
     if unknown:
         raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
     return TrainingConfig(**values).validate()
+
+
+def batch_plan(cfg: TrainingConfig, processes: int) -> tuple[int, int]:
+    """(per-device batch, effective batch) of a recipe on `processes` processes: the total batch is divided over the
+    processes and the accumulation steps (both trainers use this)."""
+    per_device = cfg.per_device_batch_size or max(1, cfg.total_batch_size // (processes * cfg.gradient_accumulation_steps))
+    return per_device, per_device * processes * cfg.gradient_accumulation_steps
+
+
+def uses_sync_batchnorm(device_type: str, processes: int) -> bool:
+    """BatchNorm statistics are synchronised across processes on several GPUs (the official recipe), never on CPU."""
+    return device_type == "cuda" and processes > 1

@@ -23,8 +23,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from configuration_detris.release import (
     EVALUATION_SPLITS,
     REFER_SOURCE,
@@ -111,6 +109,7 @@ def convert(checkpoint: dict, output: Path, config=None, overwrite=False, log=pr
 def evaluate(model_dir: Path, data, splits, output: Path, device: str, dtype: str, batch_size: int,
              max_samples=None, grid: int = 0, overwrite=False) -> dict:
     """`detris eval` of `splits` (every expression); results kept in `output/results.json`."""
+    import torch
     from transformers import AutoModel, AutoProcessor
 
     import modeling_detris  # noqa: F401
@@ -208,6 +207,8 @@ def markdown_tables(cells: list[dict], tolerance: float = TOLERANCE) -> str:
 # ----- the command ------------------------------------------------------------------------------------------------
 def reproduce(official_dir, refer_root, images_root, output, device=None, dtype="float32", batch_size=16,
               max_samples=None, grid=0, config=None, overwrite=False, tolerance=TOLERANCE, progress=True, log=print) -> dict:
+    import torch
+
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -268,7 +269,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
     if args.tolerance < 0 or not math.isfinite(args.tolerance):
-        raise ValueError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+        print(f"detris reproduce: --tolerance must be a finite number >= 0, got {args.tolerance}", file=sys.stderr)
+        return 2
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     report = reproduce(args.official_dir, args.refer_root, args.images_root, args.output, args.device, args.dtype,
                        args.batch_size, args.max_samples, args.grid, args.config, args.overwrite, args.tolerance,

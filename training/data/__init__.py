@@ -1,21 +1,30 @@
-"""Data for DETRIS: RefCOCO family, custom folders, RefShapes, collators and the uint8 cache (issue #5)."""
+"""Data for DETRIS: RefCOCO family, custom folders, RefShapes, the collator and the uint8 cache.
 
-from .cache import DeviceNormalizer, LetterboxCache, build_letterbox_cache, normalization_lut
-from .collate import DetrisDataCollator
-from .custom import load_custom_folder
-from .hub import HUB_REPOS, convert_hub_refer, load_refer_from_hub
-from .masks import binary_mask_to_rle, decode_rle, segmentation_to_rle
-from .refer import build_mixed_dataset, build_refer_dataset
-from .refshapes import RefShapesConfig, build_refshapes, text_blind_baseline
-from .rows import OFFICIAL_REF_COUNTS, SplitSizeWarning, check_split_sizes, save_atomic
-from .safe_pickle import UnsafePickleError, load_data_pickle
-from .schema import CorruptAnnotationError, object_features, to_sentence_level
+The names below are imported from their modules on first use (PEP 562), so `import training.data` (and every
+`detris data ... --help`) stays fast.
+"""
 
-__all__ = [
-    "build_refer_dataset", "build_mixed_dataset", "load_refer_from_hub", "convert_hub_refer", "HUB_REPOS",
-    "load_custom_folder", "to_sentence_level", "object_features", "CorruptAnnotationError",
-    "load_data_pickle", "UnsafePickleError", "check_split_sizes", "OFFICIAL_REF_COUNTS", "SplitSizeWarning",
-    "save_atomic", "segmentation_to_rle", "binary_mask_to_rle", "decode_rle",
-    "DetrisDataCollator", "build_letterbox_cache", "LetterboxCache", "DeviceNormalizer", "normalization_lut",
-    "RefShapesConfig", "build_refshapes", "text_blind_baseline",
-]
+from importlib import import_module
+
+_HOMES = {
+    "DeviceNormalizer": "cache", "LetterboxCache": "cache", "build_letterbox_cache": "cache", "normalization_lut": "cache",
+    "DetrisDataCollator": "collate",
+    "load_custom_folder": "custom",
+    "HUB_REPOS": "hub", "convert_hub_refer": "hub", "load_refer_from_hub": "hub",
+    "binary_mask_to_rle": "masks", "decode_rle": "masks", "segmentation_to_rle": "masks",
+    "build_mixed_dataset": "refer", "build_refer_dataset": "refer",
+    "RefShapesConfig": "refshapes", "build_refshapes": "refshapes", "text_blind_baseline": "refshapes",
+    "OFFICIAL_REF_COUNTS": "rows", "SplitSizeWarning": "rows", "check_split_sizes": "rows", "save_atomic": "rows",
+    "UnsafePickleError": "safe_pickle", "load_data_pickle": "safe_pickle",
+    "CorruptAnnotationError": "schema", "object_features": "schema", "to_sentence_level": "schema",
+    "OneSentencePerObject": "sentences", "EpochShuffleSampler": "sentences", "sentence_index": "sentences",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
 from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
 from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
 from processing_detris import get_letterbox_affine, letterbox_image, letterbox_mask, to_rgb_uint8
+from training.folders import atomic_folder
 
 from .masks import decode_rle
+from .sentences import sentence_index
 
 __all__ = ["build_letterbox_cache", "LetterboxCache", "DeviceNormalizer", "normalization_lut"]
 
@@ -141,16 +140,12 @@ def build_letterbox_cache(
 
     ``processor`` (optional) tokenises every sentence once and fixes the input size; the letterbox is
     the processor's own (`processing_detris.letterbox_image` / `letterbox_mask`), so the cache equals its output.
-    The cache is written to a temporary folder and renamed, so a failure leaves nothing half-written.
+    The cache is written whole or not at all (``training.folders.atomic_folder``).
     """
     size = int(size or (_processor_size(processor) if processor is not None else 448))
     cache_dir = os.path.abspath(cache_dir)
-    if os.path.exists(cache_dir) and not overwrite:
-        raise FileExistsError(f"{cache_dir} already exists; pass overwrite=True to rebuild it")
-    parent = os.path.dirname(cache_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(cache_dir) + ".tmp-", dir=parent)
-    try:
+    with atomic_folder(cache_dir, overwrite=overwrite) as staging:
+        tmp = str(staging)
         n = len(ds)
         keys = {}
         row_image = np.empty(n, np.int64)
@@ -215,19 +210,13 @@ def build_letterbox_cache(
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump({"version": CACHE_VERSION, "size": size, "n_rows": n, "n_images": len(keys),
                        "n_sentences": len(sentences), "word_len": word_len}, fh)
-        if os.path.exists(cache_dir):
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cache_dir
 
 
 class LetterboxCache(torch.utils.data.Dataset):
     """A map-style dataset over a cache: uint8 ``pixel_values`` [3, S, S], uint8 ``labels`` [S, S], ``input_ids``.
 
-    ``train=True`` picks one random sentence per item (seeded; re-seeded per DataLoader worker).
+    ``train=True`` picks one sentence per item with the trainers' sampler (``sentence_index(n, seed, epoch, i)``).
     ``train=False`` yields ``sentence_index`` = 0 (use :meth:`sentence_items` for all sentences).
     Normalise batches on the device with :class:`DeviceNormalizer`.
     """
@@ -251,19 +240,13 @@ class LetterboxCache(torch.utils.data.Dataset):
         self.size = int(self.meta["size"])
         self.train = train
         self.seed = seed
-        self._rng = None
-        self._rng_key = None
+        self.epoch = 0
 
     def __len__(self):
         return len(self.row_image)
 
-    def _generator(self):
-        info = torch.utils.data.get_worker_info()
-        key = None if info is None else (info.id, info.seed)
-        if self._rng is None or key != self._rng_key:
-            self._rng = np.random.default_rng([self.seed] if info is None else [self.seed, int(info.seed) % (2**63)])
-            self._rng_key = key
-        return self._rng
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
 
     def mask(self, i: int) -> np.ndarray:
         off, y0, x0, h, w = (int(v) for v in self.mask_index[i])
@@ -283,7 +266,7 @@ class LetterboxCache(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         n = int(self.sent_offsets[i + 1] - self.sent_offsets[i])
-        j = int(self._generator().integers(n)) if self.train else 0
+        j = sentence_index(n, self.seed, self.epoch, i) if self.train else 0
         return self.item(i, j)
 
     def sentence_items(self):

@@ -7,16 +7,24 @@ Hook into the ``detris`` dispatcher (training/cli.py) with::
     args = parser.parse_args(argv); return args.func(args)
 
 or run ``python -m training.data.cli refer --dataset refcoco ...`` (:func:`main`).
-Every builder saves with ``save_to_disk`` into a temporary folder and renames it, so a
-failure never leaves a half-written ``--output``.
+Every builder saves with ``save_to_disk`` into a staging folder and renames it (``training.folders.atomic_folder``),
+so a failure never leaves a half-written ``--output``, and a staging folder left by a killed run is removed by the
+next one. An ``--output`` that is, contains or lies inside an input folder is refused. Mistakes in the inputs
+(missing files, corrupt annotations) end in one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 
 __all__ = ["add_data_subcommands", "build_parser", "main", "main_refer"]
+
+# user mistakes (a bad path, a corrupt annotation, an existing --output): one line, exit code 2. CorruptAnnotationError,
+# UnsafePickleError (an UnpicklingError) and the JSON / Unicode decode errors are ValueErrors or handled as such.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               pickle.UnpicklingError)
 
 
 def _common_output(p):
@@ -29,21 +37,25 @@ def _common_output(p):
     p.add_argument("--no-progress", action="store_true")
 
 
+def _check_output(args, **inputs):
+    from training.folders import check_not_inside
+
+    check_not_inside(args.output, inputs)
+
+
 def _finish(dd, args):
     from .rows import save_atomic
     from .schema import to_sentence_level
 
-    save_atomic(dd, args.output, overwrite=args.overwrite)
+    extra = {"sentences": to_sentence_level(dd)} if args.sentence_level else None
+    save_atomic(dd, args.output, overwrite=args.overwrite, extra=extra)
     print(f"saved {args.output}: " + ", ".join(f"{k} {len(v)} refs / {sum(map(len, v['sentences']))} sentences"
                                                for k, v in dd.items()))
-    if args.sentence_level:
-        import os
-
-        save_atomic(to_sentence_level(dd), os.path.join(args.output, "sentences"), overwrite=True)
     return 0
 
 
 def _run_refer(args):
+    _check_output(args, **{"--refer-root": args.refer_root, "--images-root": args.images_root})
     from .refer import build_mixed_dataset, build_refer_dataset
 
     kw = dict(image_mode=args.image_mode, check_images=not args.no_check_images,
@@ -57,6 +69,7 @@ def _run_refer(args):
 
 
 def _run_hub(args):
+    _check_output(args, **{"--images-root": args.images_root})
     from .hub import load_refer_from_hub
 
     dd = load_refer_from_hub(args.dataset, args.images_root, repo_id=args.repo_id, data_files=args.data_files,
@@ -66,20 +79,51 @@ def _run_hub(args):
 
 
 def _run_custom(args):
+    _check_output(args, **{"--root": args.root})
     from .custom import load_custom_folder
 
     dd = load_custom_folder(args.root, dataset_name=args.name, image_mode=args.image_mode,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, allow_absolute_paths=args.allow_absolute_paths)
     return _finish(dd, args)
 
 
-def _run_refshapes(args):
-    from . import refshapes
+def add_refshapes_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--output", required=True, help="folder for save_to_disk (written atomically)")
+    p.add_argument("--seed", type=int, default=0, help="same seed and sizes -> the same dataset, byte for byte")
+    p.add_argument("--image-size", type=int, default=128, help="side of the square images, pixels (>= 32)")
+    p.add_argument("--n-train", type=int, default=2000, help="scenes in the train split")
+    p.add_argument("--n-validation", type=int, default=250, help="scenes in the validation split")
+    p.add_argument("--n-test", type=int, default=250,
+                   help="scenes in the test split (colour/kind pairs never seen in training)")
+    p.add_argument("--num-proc", type=int, default=1, help="processes generating scenes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true")
+    return p
 
-    return refshapes.run_from_args(args)
+
+def _run_refshapes(args):
+    import time
+
+    from .refshapes import RefShapesConfig, build_refshapes, text_blind_baseline
+    from .rows import save_atomic
+
+    started = time.perf_counter()
+    cfg = RefShapesConfig(seed=args.seed, image_size=args.image_size, n_train=args.n_train,
+                          n_validation=args.n_validation, n_test=args.n_test)
+    dd = build_refshapes(cfg, num_proc=args.num_proc, progress=not getattr(args, "no_progress", False))
+    seconds = time.perf_counter() - started
+    save_atomic(dd, args.output, overwrite=args.overwrite)
+    print(f"RefShapes: {', '.join(f'{k} {len(v)} refs' for k, v in dd.items())}; generated in {seconds:.1f} s -> {args.output}")
+    for split in ("validation", "test"):
+        if split in dd:
+            b = text_blind_baseline(dd[split])
+            print(f"text-blind baseline ({split}): " + ", ".join(
+                f"{k} mIoU {b[k]['mIoU']:.3f} oIoU {b[k]['oIoU']:.3f}" for k in ("all_shapes", "largest_shape", "random_shape")))
+    return 0
 
 
 def _run_cache(args):
+    _check_output(args, **{"--dataset-dir": args.dataset_dir})
     import datasets
 
     from .cache import build_letterbox_cache
@@ -131,12 +175,13 @@ def add_data_subcommands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("custom", help="a custom folder (images + *.jsonl, see docs/data.md)")
     p.add_argument("--root", required=True)
     p.add_argument("--name", default="custom", help="value of the dataset column")
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept absolute image/mask paths in the JSONL (relative paths must stay inside --root)")
     _common_output(p)
     p.set_defaults(func=_run_custom)
 
-    from .refshapes import add_refshapes_arguments
-
-    p = sub.add_parser("refshapes", help="generate the synthetic RefShapes dataset")
+    p = sub.add_parser("refshapes", help="generate the synthetic RefShapes dataset",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_refshapes_arguments(p)
     p.set_defaults(func=_run_refshapes)
 
@@ -164,7 +209,17 @@ def main(argv=None) -> int:
     if argv[:1] != ["data"]:
         argv = ["data"] + argv
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        print(f"detris data {args.data_command}: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error) -> str:
+    text = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else \
+        f"{error.filename}: {error.strerror or error}"
+    return " ".join(text.split())
 
 
 def main_refer(argv=None) -> int:

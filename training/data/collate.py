@@ -1,8 +1,9 @@
 """Rows -> model inputs through the DETRIS processor.
 
-Training (``train=True``): one random sentence per object (as the official
-``np.random.choice(num_sents)``), drawn from a seeded generator; output is the
-processor's ``BatchFeature`` (``pixel_values``, ``input_ids``, ``labels``, ...).
+Training (``train=True``): rows with one ``sentence`` each (the trainers wrap the object rows in
+``training.data.sentences.OneSentencePerObject``); object rows given directly get one of their sentences from the
+same sampler (``sentence_index``), keyed by the collator's call count. Output is the processor's ``BatchFeature``
+(``pixel_values``, ``input_ids``, ``labels``, ...).
 
 Evaluation (``train=False``): one sample per expression (a sentence-level row
 contributes its ``sentence``; an object-level row contributes all its sentences,
@@ -20,6 +21,7 @@ import torch
 from processing_detris import to_rgb_uint8
 
 from .masks import decode_rle
+from .sentences import sentence_index
 
 __all__ = ["DetrisDataCollator", "row_mask", "processor_image"]
 
@@ -47,9 +49,7 @@ class DetrisDataCollator:
     Args:
         processor: a ``DetrisProcessor`` (``processor(images=[...], text=[...], masks=[...], return_tensors="pt")``).
         train: training mode (random sentence + ``labels``) or evaluation mode (every sentence + GT masks).
-        seed: seed of the sentence sampler.  In a ``DataLoader`` worker the generator is re-seeded from
-            ``(seed, worker seed)``, so workers differ and each epoch differs, reproducibly for a given
-            loader generator.
+        seed: seed of the sentence sampler for object rows (``sentence_index(n, seed, call, position)``).
         eval_sentences: ``"all"`` (official test) or ``"first"`` (official validation) for object-level rows.
         mask_scale: value of the foreground in the mask arrays given to the processor (official PNGs: 255).
     """
@@ -62,27 +62,15 @@ class DetrisDataCollator:
         self.seed = int(seed)
         self.eval_sentences = eval_sentences
         self.mask_scale = mask_scale
-        self._rng = None
-        self._rng_worker = None
+        self.calls = 0
 
-    # -- randomness ---------------------------------------------------------------------------
-    @property
-    def rng(self) -> np.random.Generator:
-        info = torch.utils.data.get_worker_info()
-        key = None if info is None else (info.id, info.seed)
-        if self._rng is None or key != self._rng_worker:
-            seq = [self.seed] if info is None else [self.seed, int(info.seed) % (2**63)]
-            self._rng = np.random.default_rng(seq)
-            self._rng_worker = key
-        return self._rng
-
-    def choose_sentence(self, row: dict) -> str:
+    def choose_sentence(self, row: dict, position: int) -> str:
         if "sentence" in row and "sentences" not in row:
             return row["sentence"]
         sents = row["sentences"]
         if not sents:
             raise ValueError(f"ref_id={row.get('ref_id')} has no sentence; expected at least one")
-        return sents[int(self.rng.integers(len(sents)))]
+        return sents[sentence_index(len(sents), self.seed, self.calls, position)]
 
     # -- collation ----------------------------------------------------------------------------
     def __call__(self, rows: list[dict]):
@@ -98,7 +86,8 @@ class DetrisDataCollator:
 
     def _train(self, rows):
         images = [processor_image(r["image"]) for r in rows]
-        texts = [self.choose_sentence(r) for r in rows]
+        texts = [self.choose_sentence(r, k) for k, r in enumerate(rows)]
+        self.calls += 1
         masks = [row_mask(r, self.mask_scale) for r in rows]
         return self._call_processor(rows, images=images, text=texts, masks=masks)
 

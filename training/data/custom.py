@@ -5,7 +5,8 @@
     ROOT/
       train.jsonl        one JSON object per line; every ``*.jsonl`` file is a split named after it
       val.jsonl
-      images/...         image files (paths in the JSONL are relative to ROOT, or absolute)
+      images/...         image files (paths relative to ROOT must stay inside it; absolute paths only with
+                         allow_absolute_paths=True, `--allow-absolute-paths`)
       masks/...          optional PNG masks
 
 Each line describes one referred object::
@@ -35,25 +36,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .masks import binary_mask_to_rle
-from .rows import RowBuilder, rows_to_datasetdict
+from .rows import RowBuilder, image_header_size, inside_root, rows_to_datasetdict
 from .schema import CorruptAnnotationError
 
-__all__ = ["load_custom_folder", "image_size", "read_png_mask"]
+__all__ = ["load_custom_folder", "read_png_mask"]
 
 _MASK_KEYS = ("mask", "polygons", "rle")
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(height, width) after EXIF orientation (what OpenCV / the processor will see)."""
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112, 1)
-        except Exception:
-            orientation = 1
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return int(h), int(w)
 
 
 def read_png_mask(path: str) -> np.ndarray:
@@ -72,8 +60,22 @@ def load_custom_folder(
     image_mode: str = "path",
     check_images: bool = True,
     progress: bool = True,
+    allow_absolute_paths: bool = False,
 ) -> DatasetDict:
-    """Load a custom folder (see module docstring) into the shared DatasetDict structure."""
+    """Load a custom folder (see module docstring) into the shared DatasetDict structure. Image and mask paths are
+    relative to `root` and must resolve inside it (`..` and symlinks leading out are refused); absolute paths are
+    taken as they are only with `allow_absolute_paths`."""
+
+    def resolve(value, what, label):
+        if not isinstance(value, str):
+            raise CorruptAnnotationError(f"{label}: {what} is {value!r}, expected a path string")
+        if os.path.isabs(value):
+            if not allow_absolute_paths:
+                raise CorruptAnnotationError(f"{label}: {what} {value!r} is an absolute path; expected a path relative "
+                                             "to the root (or pass --allow-absolute-paths)")
+            return value
+        return inside_root(os.path.join(root, value), root, what, label)
+
     root = os.path.abspath(root)
     files = sorted(glob.glob(os.path.join(root, "*.jsonl")))
     if not files:
@@ -85,8 +87,11 @@ def load_custom_folder(
     running = 0
     for fpath in files:
         split = os.path.splitext(os.path.basename(fpath))[0]
-        with open(fpath, encoding="utf-8") as fh:
-            lines = fh.readlines()
+        try:
+            with open(fpath, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except UnicodeDecodeError as exc:
+            raise CorruptAnnotationError(f"{fpath}: not UTF-8 text ({exc})") from exc
         rows = split_rows.setdefault(split, [])
         for lineno, line in enumerate(tqdm(lines, desc=f"{dataset_name}/{split}", disable=not progress), start=1):
             if not line.strip():
@@ -98,7 +103,13 @@ def load_custom_folder(
                 raise CorruptAnnotationError(f"{where}: not valid JSON ({exc})") from exc
             if not isinstance(rec, dict):
                 raise CorruptAnnotationError(f"{where}: a line must be a JSON object, got {type(rec).__name__}")
-            ref_id = int(rec.get("ref_id", running))
+            try:
+                ref_id = int(rec.get("ref_id", running))
+                for key in ("ann_id", "image_id", "category_id", "height", "width"):
+                    if key in rec:
+                        int(rec[key])
+            except (TypeError, ValueError) as exc:
+                raise CorruptAnnotationError(f"{where}: an id or size is not an integer ({exc})") from exc
             running += 1
             label = f"{where} ref_id={ref_id}"
             if "image" not in rec or not isinstance(rec["image"], str):
@@ -109,23 +120,23 @@ def load_custom_folder(
             given = [k for k in _MASK_KEYS if k in rec]
             if len(given) != 1:
                 raise CorruptAnnotationError(f"{label}: has mask keys {given}, expected exactly one of {list(_MASK_KEYS)}")
-            img_path = rec["image"] if os.path.isabs(rec["image"]) else os.path.join(root, rec["image"])
+            img_path = resolve(rec["image"], "image", label)
             if img_path not in sizes:
                 if not os.path.isfile(img_path):
                     raise FileNotFoundError(f"{dataset_name} {label}: image file not found: {img_path}")
-                try:
-                    sizes[img_path] = image_size(img_path)
-                except Exception as exc:
-                    raise CorruptAnnotationError(f"{label}: cannot read image {img_path} ({exc})") from exc
+                sizes[img_path] = image_header_size(img_path)
             h, w = sizes[img_path]
             if ("height" in rec and int(rec["height"]) != h) or ("width" in rec and int(rec["width"]) != w):
                 raise CorruptAnnotationError(
                     f"{label}: height/width given as {rec.get('height')}x{rec.get('width')}, the image is {h}x{w}"
                 )
             if given[0] == "mask":
-                mpath = rec["mask"] if os.path.isabs(rec["mask"]) else os.path.join(root, rec["mask"])
+                mpath = resolve(rec["mask"], "mask", label)
                 if not os.path.isfile(mpath):
                     raise FileNotFoundError(f"{dataset_name} {label}: mask file not found: {mpath}")
+                mh, mw = image_header_size(mpath)
+                if (mh, mw) != (h, w):
+                    raise CorruptAnnotationError(f"{label}: mask {mpath} is {mh}x{mw}, expected the image size {h}x{w}")
                 m = read_png_mask(mpath)
                 if m.shape != (h, w):
                     raise CorruptAnnotationError(

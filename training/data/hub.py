@@ -59,7 +59,7 @@ def convert_hub_refer(
     """Convert a loaded jxu124-schema dataset (any split layout) to the shared structure."""
     if isinstance(hub, datasets.Dataset):
         hub = DatasetDict({"all": hub})
-    builder = RowBuilder(dataset, image_mode=image_mode, check_images=check_images)
+    builder = RowBuilder(dataset, image_mode=image_mode, check_images=check_images, root=images_root)
     split_rows: "OrderedDict[str, list]" = OrderedDict()
     total = sum(len(d) for d in hub.values())
     bar = tqdm(total=total, desc=f"{dataset} (hub parquet)", disable=not progress, unit="ref")

@@ -117,6 +117,12 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> tuple[dict, in
             raise MaskError(f"polygon {i} has a non-finite or non-numeric coordinate {bad!r}; expected finite numbers")
         if len(poly) % 2:
             raise MaskError(f"polygon {i} has {len(poly)} coordinates, expected an even number (x, y pairs)")
+        # far-away vertices overflow pycocotools' rasteriser (an empty mask, silently): refuse them
+        limit = 2 * max(height, width)
+        far = next((v for v in poly if not -limit <= v <= limit), None)
+        if far is not None:
+            raise MaskError(f"polygon {i} has a coordinate {far!r}, expected pixel coordinates within +-{limit} "
+                            f"(twice the {height}x{width} image)")
         if len(poly) < 6:
             dropped += 1
             continue

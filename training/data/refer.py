@@ -15,7 +15,6 @@ A ref's own ``file_name`` carries the annotation id as a suffix
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from configuration_detris.release import DEFAULT_SPLIT_BY, MIXED_DATASETS, REFER_SOURCE
 from configuration_detris.release import REFER_SPLIT_BY as REFER_DATASETS
 
-from .rows import RowBuilder, check_split_sizes, rows_to_datasetdict
+from .rows import RowBuilder, check_split_sizes, read_json, rows_to_datasetdict
 from .safe_pickle import load_data_pickle
 from .schema import CorruptAnnotationError
 
@@ -62,8 +61,9 @@ def load_refer_files(refer_root: str, dataset: str, split_by: str, refs_sha256: 
     refs = load_data_pickle(refs_path, sha256=refs_sha256)
     if not isinstance(refs, list):
         raise CorruptAnnotationError(f"{refs_path}: holds a {type(refs).__name__}, expected a list of ref dicts")
-    with open(inst_path, encoding="utf-8") as fh:
-        instances = json.load(fh)
+    instances = read_json(inst_path)
+    if not isinstance(instances, dict):
+        raise CorruptAnnotationError(f"{inst_path}: holds a {type(instances).__name__}, expected a COCO instances object")
     for key in ("images", "annotations"):
         if key not in instances:
             raise CorruptAnnotationError(f"{inst_path}: missing key {key!r}, expected a COCO instances file")
@@ -101,7 +101,7 @@ def build_refer_dataset(
     images = {int(im["id"]): im for im in instances["images"]}
     anns = {int(a["id"]): a for a in instances["annotations"]}
     cats = {int(c["id"]): c.get("name", "") for c in instances.get("categories", [])}
-    builder = RowBuilder(dataset, image_mode=image_mode, check_images=check_images)
+    builder = RowBuilder(dataset, image_mode=image_mode, check_images=check_images, root=images_root)
     split_rows: "OrderedDict[str, list]" = OrderedDict()
     for i, ref in enumerate(tqdm(refs, desc=f"{dataset}({split_by}) refs", disable=not progress, unit="ref")):
         if not isinstance(ref, dict):

@@ -31,11 +31,9 @@ colour, rgb, size class, centre, radius, visible area and visible-mask RLE).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -55,7 +53,6 @@ __all__ = [
     "generate_scene",
     "build_refshapes",
     "text_blind_baseline",
-    "main",
 ]
 
 KINDS = ("circle", "square", "triangle", "diamond", "cross")
@@ -420,8 +417,12 @@ def _split_rows(args):
     return rows
 
 
-def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, **overrides) -> DatasetDict:
-    """Generate the RefShapes DatasetDict (``train``, ``validation``, ``test``); same config -> same bytes."""
+def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, progress: bool = False,
+                    **overrides) -> DatasetDict:
+    """Generate the RefShapes DatasetDict (``train``, ``validation``, ``test``); same config -> same bytes.
+    ``progress`` shows a bar counting the generated scenes."""
+    from tqdm.auto import tqdm
+
     cfg = cfg or RefShapesConfig(**overrides)
     if overrides and cfg is not None and not isinstance(cfg, RefShapesConfig):
         raise TypeError("cfg must be a RefShapesConfig")
@@ -433,13 +434,20 @@ def build_refshapes(cfg: RefShapesConfig | None = None, num_proc: int = 1, **ove
         n = counts[split]
         step = max(1, math.ceil(n / max(1, num_proc * 4)))
         jobs += [(cfg_dict, split, s, min(n, s + step), bases[split]) for s in range(0, n, step)]
+    bar = tqdm(total=sum(counts.values()), desc="RefShapes scenes", unit="scene", disable=not progress)
+    parts = []
     if num_proc > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(num_proc) as pool:
-            parts = pool.map(_split_rows, jobs)
+            for job, rows in zip(jobs, pool.imap(_split_rows, jobs)):
+                parts.append(rows)
+                bar.update(job[3] - job[2])
     else:
-        parts = [_split_rows(j) for j in jobs]
+        for job in jobs:
+            parts.append(_split_rows(job))
+            bar.update(job[3] - job[2])
+    bar.close()
     feats = refshapes_features()
     by_split = {s: [] for s in SPLITS}
     for (_, split, *_), rows in zip(jobs, parts):
@@ -481,46 +489,3 @@ def text_blind_baseline(ds: Dataset) -> dict:
                            "oIoU": random_i / random_u if random_u > 0 else 0.0, "n": len(random_iou)}
     out["best"] = max(("all_shapes", "largest_shape", "random_shape"), key=lambda k: out[k]["mIoU"])
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_refshapes_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-validation", type=int, default=250)
-    p.add_argument("--n-test", type=int, default=250)
-    p.add_argument("--num-proc", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def run_from_args(args) -> int:
-    from .rows import save_atomic
-
-    t0 = time.perf_counter()
-    cfg = RefShapesConfig(seed=args.seed, image_size=args.image_size, n_train=args.n_train,
-                          n_validation=args.n_validation, n_test=args.n_test)
-    dd = build_refshapes(cfg, num_proc=args.num_proc)
-    dt = time.perf_counter() - t0
-    save_atomic(dd, args.output, overwrite=args.overwrite)
-    print(f"RefShapes: {', '.join(f'{k} {len(v)} refs' for k, v in dd.items())}; generated in {dt:.1f} s -> {args.output}")
-    for split in ("validation", "test"):
-        if split in dd:
-            b = text_blind_baseline(dd[split])
-            print(f"text-blind baseline ({split}): " + ", ".join(
-                f"{k} mIoU {b[k]['mIoU']:.3f} oIoU {b[k]['oIoU']:.3f}" for k in ("all_shapes", "largest_shape", "random_shape")))
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="detris data refshapes", description="Generate the RefShapes dataset")
-    return run_from_args(add_refshapes_arguments(p).parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from numbers import Real
 
@@ -30,6 +29,51 @@ __all__ = [
 
 class SplitSizeWarning(UserWarning):
     pass
+
+
+# Largest image a dataset may reference (height x width); COCO images are at most 640 x 640. Bigger annotations are
+# refused when the dataset is built, before a collator could try to allocate them.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def read_json(path: str):
+    """`json.load` of a UTF-8 file; a decoding error names the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptAnnotationError(f"{path}: not a valid UTF-8 JSON file ({exc})") from exc
+
+
+def inside_root(path: str, root: str, what: str, label: str) -> str:
+    """`path` if it resolves (symlinks followed) inside `root`; a path escaping it (`..`, absolute, symlink) is
+    refused."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise CorruptAnnotationError(f"{label}: {what} {path!r} resolves to {real!r}, outside {real_root!r}; expected "
+                                     "a file inside the dataset's root")
+    return path
+
+
+def image_header_size(path: str) -> tuple[int, int]:
+    """(height, width) read from the image header, after EXIF orientation (what the decoders will produce); a file
+    that is not an image, or is truncated, raises CorruptAnnotationError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure and checksums (catches truncated PNGs) without decoding the pixels
+        with Image.open(path) as im:  # verify() leaves the image unusable: read the header again
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except Exception:
+                orientation = 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptAnnotationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return int(h), int(w)
 
 
 def _ref_label(dataset, ref_id, ann_id=None) -> str:
@@ -59,21 +103,30 @@ def _fix_text(s) -> str:
 class RowBuilder:
     """Turns one referred object into a validated row; every error names the ref."""
 
-    def __init__(self, dataset: str, image_mode: str = "path", check_images: bool = True):
+    def __init__(self, dataset: str, image_mode: str = "path", check_images: bool = True, root: str | None = None):
         self.dataset = dataset
         self.image_mode = image_mode
         self.check_images = check_images
-        self._image_ok: dict[str, bool] = {}
+        self.root = root  # image paths must resolve inside it (when given)
+        self._image_size: dict[str, tuple[int, int]] = {}
+        self._ref_ids: set = set()
         self.empty_masks: list = []
         self.dropped_polygons = 0
 
-    def image(self, path: str, ref_label: str):
+    def image(self, path: str, ref_label: str, height: int, width: int):
+        """The `image` column value; with `check_images`, the file must exist, be an image and have the
+        annotation's size."""
+        if self.root is not None:
+            inside_root(path, self.root, "image", ref_label)
         if self.check_images:
-            ok = self._image_ok.get(path)
-            if ok is None:
-                ok = self._image_ok[path] = os.path.isfile(path)
-            if not ok:
-                raise FileNotFoundError(f"{ref_label}: image file not found: {path}")
+            size = self._image_size.get(path)
+            if size is None:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{ref_label}: image file not found: {path}")
+                size = self._image_size[path] = image_header_size(path)
+            if size != (height, width):
+                raise CorruptAnnotationError(f"{ref_label}: the annotation says the image is {height}x{width}, the "
+                                             f"file {path} is {size[0]}x{size[1]}; expected equal sizes")
         return image_value(path, self.image_mode)
 
     def __call__(
@@ -102,6 +155,12 @@ class RowBuilder:
             raise CorruptAnnotationError(f"{label}: image height/width {height!r}/{width!r} are not integers") from exc
         if height <= 0 or width <= 0:
             raise CorruptAnnotationError(f"{label}: image size {height}x{width}, expected positive height and width")
+        if height * width > MAX_IMAGE_PIXELS:
+            raise CorruptAnnotationError(f"{label}: image size {height}x{width} is over the limit of "
+                                         f"{MAX_IMAGE_PIXELS:,} pixels; expected a real image size")
+        if int(ref_id) in self._ref_ids:
+            raise CorruptAnnotationError(f"{label}: ref_id {ref_id} appears twice; expected unique ref_ids")
+        self._ref_ids.add(int(ref_id))
         if not isinstance(sentences, (list, tuple)) or not sentences:
             raise CorruptAnnotationError(f"{label}: sentences is {sentences!r}, expected a non-empty list of strings")
         try:
@@ -138,7 +197,7 @@ class RowBuilder:
             "category": str(category),
             "sentences": sentences,
             "sent_ids": sent_ids,
-            "image": self.image(image_path, label),
+            "image": self.image(image_path, label, height, width),
             "file_name": str(file_name),
             "height": height,
             "width": width,
@@ -195,23 +254,14 @@ def check_split_sizes(dd: DatasetDict, key: tuple[str, str], check: bool | str =
     return msgs
 
 
-def save_atomic(dd, output: str, overwrite: bool = False, num_proc: int | None = None) -> str:
-    """``save_to_disk`` into a temporary sibling folder, then rename; a failure leaves ``output`` untouched."""
+def save_atomic(dd, output: str, overwrite: bool = False, num_proc: int | None = None, extra: dict | None = None) -> str:
+    """``save_to_disk`` of ``dd`` (and of each ``extra`` {subfolder: dataset}) written whole or not at all
+    (``training.folders.atomic_folder``); a failure leaves ``output`` untouched."""
+    from training.folders import atomic_folder
+
     output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".tmp-", dir=parent)
-    try:
-        dd.save_to_disk(os.path.join(tmp, "data"), num_proc=num_proc)
-        if os.path.exists(output):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(output) + ".old-", dir=parent)
-            os.replace(output, os.path.join(old, "x"))
-            os.replace(os.path.join(tmp, "data"), output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(os.path.join(tmp, "data"), output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(output, overwrite=overwrite) as staging:
+        dd.save_to_disk(str(staging), num_proc=num_proc)
+        for name, data in (extra or {}).items():
+            data.save_to_disk(os.path.join(staging, name), num_proc=num_proc)
     return output

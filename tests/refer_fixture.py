@@ -1,4 +1,4 @@
-"""Small synthetic refer-format fixtures (used by the tests; handy to try the builders without COCO).
+"""Small synthetic refer-format fixtures for the tests (no COCO needed).
 
 :func:`make_refer_fixture` writes, under ``root``::
 
