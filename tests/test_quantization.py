@@ -40,7 +40,7 @@ def test_int8_quantises_only_the_backbone_linears(one_thread):
     vision_layers, text_layers = config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers
     # 4 attention projections + fc1 + fc2 per block, in both backbones; no adapter, neck, decoder or projector layer
     assert len(names) == 6 * (vision_layers + text_layers)
-    assert all(n.startswith(("vision_model.", "text_model.")) and "detris_" not in n for n in names)
+    assert all(n.startswith(("vision_model.", "text_model.")) and "dense_aligner" not in n and "text_adapter" not in n for n in names)
     pixel_values, input_ids, _ = tiny_inputs(config)
     with torch.inference_mode():
         reference = model(pixel_values=pixel_values, input_ids=input_ids).logits
@@ -50,7 +50,7 @@ def test_int8_quantises_only_the_backbone_linears(one_thread):
     quantized = {n for n, m in modules.items() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}
     assert quantized == set(names)
     still_float = [n for n, m in modules.items() if type(m) is nn.Linear]
-    assert any("detris_dense_aligner" in n for n in still_float) and any(n.startswith("decoder.") for n in still_float)
+    assert any(".mlp.dense_aligner." in n for n in still_float) and any(n.startswith("decoder.") for n in still_float)
     assert modules[names[0]].weight().qscheme() == torch.per_channel_affine  # one scale per output channel
     with torch.inference_mode():
         logits = model(pixel_values=pixel_values, input_ids=input_ids).logits
