@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# The reference peak of each kind of machine (issue #7): fp32 2048^2 on CPU, bf16 8192^2 on GPU.
+# The reference peak of each kind of machine (docs/benchmarks.md, Targets): fp32 2048^2 on CPU, bf16 8192^2 on GPU.
 PEAK_MATMUL = {"cpu": (torch.float32, 2048), "cuda": (torch.bfloat16, 8192)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -27,8 +27,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from configuration_detris.folders import publish
+
 from .card import CardError, add_card_arguments, build_model_card, card_for_folder
-from .folders import OutputFolderError, is_adapter_folder, publish, read_text_file, staging_folder
+from .folders import OutputFolderError, is_adapter_folder, read_text_file, staging_folder
 from .pipeline import TASK
 from .remote_code import HUB_FILES, PIPELINE_FILE, ROLE_FILES, RemoteCodeError, write_remote_code
 
