@@ -64,11 +64,10 @@ def read_text_file(path, flag: str) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
-def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
-                   what: str = "the model folder") -> Path:
-    """A new staging folder for `output`, after refusing an output that is, contains or lies inside one of `inputs`
-    (`what` names them in the message) and a non-empty output without `overwrite`, and removing what killed runs
-    left."""
+def check_output_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
+                        what: str = "the model folder") -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (`what` names them in the message), and a
+    non-empty output without `overwrite`."""
     output = Path(output)
     for source in inputs:
         relation = overlap(output, source)
@@ -85,11 +84,18 @@ def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--ou
             )
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise OutputFolderError(f"{flag} {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+
+
+def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
+                   what: str = "the model folder") -> Path:
+    """`check_output_folder`, then a new staging folder for `output` (`configuration_detris.folders.new_staging`)."""
+    check_output_folder(output, inputs, overwrite, flag, what)
     return new_staging(output)
 
 
 __all__ = [
     "OutputFolderError",
+    "check_output_folder",
     "check_repo_id",
     "is_adapter_folder",
     "is_space_folder",

@@ -7,7 +7,6 @@ replacements, the lines it needs before it (what the surrounding prose defines) 
 missing from the table fails the test (no silent skip): add it, with the stand-ins it needs.
 """
 
-import json
 import os
 import re
 import subprocess

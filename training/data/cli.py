@@ -19,7 +19,7 @@ import argparse
 import pickle
 import sys
 
-__all__ = ["add_data_subcommands", "build_parser", "main", "main_refer"]
+__all__ = ["add_data_subcommands", "build_parser", "main"]
 
 # user mistakes (a bad path, a corrupt annotation, an existing --output): one line, exit code 2. CorruptAnnotationError,
 # UnsafePickleError (an UnpicklingError) and the JSON / Unicode decode errors are ValueErrors or handled as such.
@@ -220,12 +220,6 @@ def _one_line(error) -> str:
     text = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else \
         f"{error.filename}: {error.strerror or error}"
     return " ".join(text.split())
-
-
-def main_refer(argv=None) -> int:
-    """``detris data refer`` with its own argv (``--dataset refcoco --split-by unc --refer-root ...``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return main(["data", "refer"] + argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from .masks import MaskError, rle_area, rle_bbox, segmentation_to_rle
 from .schema import CorruptAnnotationError, image_value, object_features
 
 __all__ = [
-    "OFFICIAL_REF_COUNTS",
-    "OFFICIAL_SENTENCE_COUNTS",
     "RowBuilder",
     "rows_to_datasetdict",
     "check_split_sizes",
