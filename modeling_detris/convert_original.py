@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from configuration_detris import DetrisConfig
-from configuration_detris.folders import new_staging, publish, staging_path
+from configuration_detris.folders import new_staging, overlap, publish, staging_path
 from configuration_detris.release import (
     DATASET_FOLDER_NAMES,
     DEFAULT_WORD_LEN,
@@ -339,8 +339,7 @@ def check_output(output, checkpoints, overwrite: bool = False) -> None:
     output = Path(output).resolve()
     for target in (output, staging_path(output), staging_path(output, os.getpid())):
         for checkpoint in checkpoints:
-            checkpoint = Path(checkpoint).resolve()
-            if checkpoint == target or target in checkpoint.parents:
+            if overlap(target, checkpoint) in ("is", "contains"):
                 raise ValueError(
                     f"--output {str(target)!r} is or contains the input checkpoint {str(checkpoint)!r}; choose a folder "
                     "outside the checkpoints (the output folder is replaced as a whole)"
