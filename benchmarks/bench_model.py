@@ -226,9 +226,9 @@ def bench_data(short: bool) -> dict:
 
 
 def bench_target(device, meter, rounds: int, threads: int, flops_per_sample: float, preset="base", batch=2) -> dict:
-    """The CPU target (docs/benchmarks.md, Targets): ours fp32 (SDPA) >= 85 % of the fp32 matmul rate measured in the same run, never
-    slower than the official graph (fp32, eager attention); ours in bf16 reported beside. Each round runs
-    mm, ours fp32, mm, official graph, mm, ours bf16, mm; best against best and per-round ratios are reported."""
+    """The CPU target (docs/benchmarks.md, Targets): ours fp32 (SDPA) >= 85 % of the fp32 matmul rate measured in the
+    same run, never slower than the official graph (fp32, eager attention); ours in bf16 reported beside. Each round
+    runs mm, ours fp32, mm, official graph, mm, ours bf16, mm; best against best and per-round ratios are reported."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -462,8 +462,8 @@ def run(args) -> dict:
 
 
 def gpu_targets(records) -> dict:
-    """The GPU targets (docs/benchmarks.md, Targets), read off the records (bf16, DETRIS-B): inference >= 50 % and training >= 35 % of the
-    bf16 matmul peak; a 3,811-sentence evaluation in <= 15 s."""
+    """The GPU targets (docs/benchmarks.md, Targets), read off the records (bf16, DETRIS-B): inference >= 50 % and
+    training >= 35 % of the bf16 matmul peak; a 3,811-sentence evaluation in <= 15 s."""
     def best(kind):
         cand = [r for r in records if r["benchmark"] == kind and r["preset"] == "base" and r["precision"] == "bf16"
                 and "utilisation" in r]

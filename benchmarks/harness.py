@@ -39,27 +39,11 @@ def synchronize(device: torch.device) -> None:
 
 
 # ----- the machine -------------------------------------------------------------------------------------------------
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return name, flags
-
-
 def machine_info(device: torch.device) -> dict:
     from modeling_detris import native_low_precision_cpu
-    from modeling_detris.quantization_detris import cpu_isa
+    from modeling_detris.quantization_detris import cpu_flags, cpu_info, cpu_isa
 
-    cpu_name, flags = _cpu_model_and_flags()
+    cpu_name, flags = cpu_info("model name") or platform.processor() or platform.machine(), cpu_flags()
     info = {
         "device": str(device),
         "cpu": cpu_name,

@@ -233,8 +233,9 @@ def test_cli_refer_saves_atomically(fx, tmp_path, capsys):
 
 def test_cli_bytes_mode_embeds_images(fx, tmp_path):
     out = tmp_path / "bytes"
-    data_cli(["data", "refer", "--dataset", "refcocog", "--refer-root", fx["refer_root"], "--images-root", fx["images_root"],
-                "--output", str(out), "--image-mode", "bytes", "--no-progress", "--sentence-level"])
+    data_cli(["data", "refer", "--dataset", "refcocog", "--refer-root", fx["refer_root"],
+              "--images-root", fx["images_root"], "--output", str(out), "--image-mode", "bytes", "--no-progress",
+              "--sentence-level"])
     shutil.rmtree(fx["images_root"])  # bytes are embedded: the images are no longer needed
     dd = datasets.load_from_disk(str(out))
     row = dd["train"][0]

@@ -202,7 +202,8 @@ def test_docs_cite_only_files_in_the_repository(workdir):
 def test_code_cites_only_files_in_the_repository():
     """Docstrings, comments, help texts and recipe headers of the six packages (.py, .yaml, .md), and the tests, name
     no document outside the repository, and every project path they name exists."""
-    paths = [p for package in PACKAGES for ext in ("py", "yaml", "md") for p in sorted((ROOT / package).rglob(f"*.{ext}"))]
+    paths = [p for package in PACKAGES for ext in ("py", "yaml", "md")
+             for p in sorted((ROOT / package).rglob(f"*.{ext}"))]
     paths += [p for p in sorted((ROOT / "tests").glob("*.py")) if p != Path(__file__).resolve()]
     assert len(paths) > 100
     texts = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8") for path in paths}

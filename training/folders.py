@@ -43,7 +43,8 @@ class OutputLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and (holder.get("host") != socket.gethostname() or process_alive(int(holder.get("pid", -1)))):
+                alive = holder is not None and process_alive(int(holder.get("pid", -1)))
+                if holder is not None and (holder.get("host") != socket.gethostname() or alive):
                     raise FolderInUseError(
                         f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')} "
                         f"since {holder.get('since')}; lock file {self.path}); expected a free output_dir: wait for it, "

@@ -7,8 +7,8 @@ Hook into the ``detris`` dispatcher (training/cli.py) with::
     args = parser.parse_args(argv); return args.func(args)
 
 or run ``python -m training.data.cli refer --dataset refcoco ...`` (:func:`main`).
-Every builder saves with ``save_to_disk`` into a staging folder and renames it (``configuration_detris.folders.atomic_folder``),
-so a failure never leaves a half-written ``--output``, and a staging folder left by a killed run is removed by the
+Every builder saves with ``save_to_disk`` into a staging folder and renames it
+(``configuration_detris.folders.atomic_folder``), so a failure never leaves a half-written ``--output``, and a staging folder left by a killed run is removed by the
 next one. An ``--output`` that is, contains or lies inside an input folder is refused. Mistakes in the inputs
 (missing files, corrupt annotations) end in one line and exit code 2.
 """
