@@ -11,15 +11,16 @@ fp32 2048^2 on CPU, bf16 8192^2 on GPU, re-measured between the model's iteratio
 - ``evaluation``: sentences/s of ``training.evaluation.evaluate_model`` end to end on synthetic RefCOCO-like data
   (JPEG decode, letterbox, tokenisation, forward, post-processing to the original size, IoU counts);
 - ``data``: data-loader samples/s per core (``benchmarks/bench_data.py``; no FLOPs, so no utilisation);
-- ``target`` (CPU): the issue-#7 check, DETRIS-B forward at batch 2 with 2 threads, alternating with the matmul:
-  ours fp32 (SDPA), the official implementation's graph (fp32, eager attention) and ours loaded in bf16;
+- ``target`` (CPU): the CPU target check (docs/benchmarks.md, Targets), DETRIS-B forward at batch 2 with 2 threads,
+  alternating with the matmul: ours fp32 (SDPA), the official implementation's graph (fp32, eager attention) and ours
+  loaded in bf16;
 - ``fast_cpu`` (CPU): the fast CPU path (``modeling_detris.quantization_detris.optimize_for_cpu``: bf16 and / or
   int8) beside ours fp32 and the official graph, DETRIS-B forward at batch 1 and 2, 2 threads, alternating rounds,
   as speed ratios; the CPU features that decide the path (VNNI, AVX512-BF16, AMX) are printed with the table.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the actual model (meta device): DETRIS-B
-313.0 GFLOPs per 448 image forward (PERFORMANCE.md §3 counts 316.2 for the official code, whose text gates also
-project the pixels through q/k/out: 3.2 GFLOPs that cannot change the output, see ``heads.TextGate``).
+313.0 GFLOPs per 448 image forward (the official code costs 316.2, counted the same way: its text gates also project
+the pixels through q/k/out, 3.2 GFLOPs that cannot change the output, see ``TextGate`` and docs/benchmarks.md).
 
 Model weights are random (``DetrisForReferringSegmentation(DetrisConfig.from_preset(...))``): nothing is downloaded.
 By default the grid varies one factor at a time around a reference point (batch 2 on CPU / 32 on GPU, SDPA, fp32
@@ -225,9 +226,9 @@ def bench_data(short: bool) -> dict:
 
 
 def bench_target(device, meter, rounds: int, threads: int, flops_per_sample: float, preset="base", batch=2) -> dict:
-    """Issue #7's CPU target: ours fp32 (SDPA) >= 85 % of the fp32 matmul rate measured in the same run, never
-    slower than the official graph (fp32, eager attention); ours in bf16 reported beside. Each round runs
-    mm, ours fp32, mm, official graph, mm, ours bf16, mm; best against best and per-round ratios are reported."""
+    """The CPU target (docs/benchmarks.md, Targets): ours fp32 (SDPA) >= 85 % of the fp32 matmul rate measured in the
+    same run, never slower than the official graph (fp32, eager attention); ours in bf16 reported beside. Each round
+    runs mm, ours fp32, mm, official graph, mm, ours bf16, mm; best against best and per-round ratios are reported."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -461,8 +462,8 @@ def run(args) -> dict:
 
 
 def gpu_targets(records) -> dict:
-    """Issue #7's GPU targets, read off the records (bf16, DETRIS-B): inference >= 50 % and training >= 35 % of the
-    bf16 matmul peak; a 3,811-sentence evaluation in <= 15 s."""
+    """The GPU targets (docs/benchmarks.md, Targets), read off the records (bf16, DETRIS-B): inference >= 50 % and
+    training >= 35 % of the bf16 matmul peak; a 3,811-sentence evaluation in <= 15 s."""
     def best(kind):
         cand = [r for r in records if r["benchmark"] == kind and r["preset"] == "base" and r["precision"] == "bf16"
                 and "utilisation" in r]
@@ -482,7 +483,7 @@ def gpu_targets(records) -> dict:
     return out
 
 
-MEMORY_GOAL_BYTES = 80e9  # issue #7: DETRIS-L training at batch 32 fits in 80 GB
+MEMORY_GOAL_BYTES = 80e9  # DETRIS-L training at batch 32 fits in 80 GB (docs/benchmarks.md, Targets)
 
 
 def memory_fits(records, batch: int) -> list[dict]:
@@ -617,7 +618,7 @@ def markdown(results: dict) -> str:
     fits = results.get("memory_fits") or []
     if fits:
         lines += ["", f"Peak memory against batch size (least squares over the measured batch sizes; the value at batch "
-                      f"{fits[0]['batch']} is a linear extrapolation unless a measured row is given; issue #7's goal: "
+                      f"{fits[0]['batch']} is a linear extrapolation unless a measured row is given; the goal: "
                       f"DETRIS-L training at batch 32 within {MEMORY_GOAL_BYTES / 1e9:.0f} GB):", "",
                   "| benchmark | model | precision | attention | measured batches | fixed (MiB) | per sample (MiB) | "
                   "worst residual (MiB) | at batch (GB) | measured there (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -668,12 +669,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-precisions", type=_csv(str), default=None, help="(fp32 CPU / bf16,fp32 CUDA)")
     p.add_argument("--eval-workers", type=int, default=None, help="data-loader workers in the evaluation (0 CPU / 8 CUDA)")
     p.add_argument("--target-rounds", type=int, default=None, help="alternating rounds of the CPU target check (5)")
-    p.add_argument("--target-threads", type=int, default=None, help="threads of the CPU target check (issue #7: 2)")
+    p.add_argument("--target-threads", type=int, default=None, help="threads of the CPU target check (2)")
     p.add_argument("--fast-cpu-modes", type=_csv(str), default=None,
                    help="fast CPU paths to time (bf16,int8; default: int8, and bf16 where the CPU has it natively)")
     p.add_argument("--fast-cpu-batch-sizes", type=_csv(int), default=[1, 2], help="batch sizes of fast_cpu (1,2)")
     p.add_argument("--memory-fit-batch", type=int, default=32,
-                   help="batch size at which the peak-memory fits are evaluated (issue #7's DETRIS-L goal: 32)")
+                   help="batch size at which the peak-memory fits are evaluated (the DETRIS-L goal: 32)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the markdown table here")
     p.add_argument("--quiet", action="store_true")

@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# The reference peak of each kind of machine (issue #7): fp32 2048^2 on CPU, bf16 8192^2 on GPU.
+# The reference peak of each kind of machine (docs/benchmarks.md, Targets): fp32 2048^2 on CPU, bf16 8192^2 on GPU.
 PEAK_MATMUL = {"cpu": (torch.float32, 2048), "cuda": (torch.bfloat16, 8192)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,27 +39,11 @@ def synchronize(device: torch.device) -> None:
 
 
 # ----- the machine -------------------------------------------------------------------------------------------------
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return name, flags
-
-
 def machine_info(device: torch.device) -> dict:
     from modeling_detris import native_low_precision_cpu
-    from modeling_detris.quantization_detris import cpu_isa
+    from modeling_detris.quantization_detris import cpu_flags, cpu_info, cpu_isa
 
-    cpu_name, flags = _cpu_model_and_flags()
+    cpu_name, flags = cpu_info("model name") or platform.processor() or platform.machine(), cpu_flags()
     info = {
         "device": str(device),
         "cpu": cpu_name,

@@ -48,7 +48,7 @@ CLIP_B16_TEXT = dict(
 
 ODD_LAYERS_12 = [1, 3, 5, 7, 9, 11]
 
-# The official configurations (ARCHITECTURE.md §1.3-1.6, §7 item 10).
+# The official configurations (docs/release.md, "The three configurations").
 PRESETS = {
     "base": dict(
         vision_config=DINOV2_REG4_BASE,

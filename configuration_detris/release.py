@@ -12,10 +12,7 @@ rows come from the authors' later oIoU code. They are REPORTED numbers, in perce
 from pathlib import PurePath
 
 # ----- datasets ---------------------------------------------------------------------------------------------------
-# The datasets DETRIS was released for, by their canonical name.
-DATASETS = ("refcoco", "refcoco+", "refcocog-umd", "refcocog-google", "mixed")
-
-# Other spellings of those names (lower case) -> canonical name.
+# Other spellings of the dataset names (lower case) -> canonical name.
 DATASET_ALIASES = {
     "refcocog_u": "refcocog-umd",
     "refcocog-u": "refcocog-umd",
@@ -102,7 +99,6 @@ DATASET_CARD_NAMES = {
 }
 
 # ----- variants and backbones -------------------------------------------------------------------------------------
-VARIANTS = ("base", "large", "large-mixed")
 VARIANT_NAMES = {"base": "DETRIS-B", "large": "DETRIS-L", "large-mixed": "DETRIS-L*"}
 
 # Public DINOv2-with-registers checkpoints by (hidden size, layers), and the one per variant.
@@ -213,7 +209,6 @@ def reported_evaluation(variant: str, dataset: str, splits=None) -> dict | None:
 
 __all__ = [
     "CHECKPOINT_NAME_TOKENS",
-    "DATASETS",
     "DATASET_ALIASES",
     "DATASET_CARD_NAMES",
     "DATASET_FOLDER_NAMES",
@@ -236,7 +231,6 @@ __all__ = [
     "REPORTED_COLUMNS",
     "REPORTED_SOURCE",
     "REPORTED_SPLITS",
-    "VARIANTS",
     "VARIANT_NAMES",
     "VARIANT_VISION_BACKBONE",
     "WORD_LEN",

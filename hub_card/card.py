@@ -19,13 +19,12 @@ from configuration_detris.release import (
     DATASET_CARD_NAMES,
     OFFICIAL_README,
     PAPER_URL,
-    PUBLIC_TEXT_BACKBONE,
-    PUBLIC_VISION_BACKBONES,
     REPORTED,
     REPORTED_SPLITS,
     VARIANT_NAMES,
     reported_evaluation,
 )
+from modeling_detris.provenance import public_text_id, public_vision_id
 
 from .folders import is_adapter_folder, looks_like_repo_id, read_text_file
 from .eval_results import METRIC_NAMES, load_eval_results, parse_evaluation, to_model_index
@@ -83,14 +82,7 @@ def detect_variant(config) -> str | None:
 
 def default_base_models(config) -> list[str]:
     """The public checkpoints DETRIS starts from, where the backbone shapes match them."""
-    models = []
-    vision = PUBLIC_VISION_BACKBONES.get((config.vision_config.hidden_size, config.vision_config.num_hidden_layers))
-    if vision is not None:
-        models.append(vision)
-    text = config.text_config
-    if (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (512, 12, 49408):
-        models.append(PUBLIC_TEXT_BACKBONE)
-    return models
+    return [model for model in (public_vision_id(config), public_text_id(config)) if model is not None]
 
 
 def has_remote_code(model_dir) -> bool:

@@ -27,8 +27,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from configuration_detris.folders import atomic_folder
+
 from .card import CardError, add_card_arguments, build_model_card, card_for_folder
-from .folders import OutputFolderError, is_adapter_folder, publish, read_text_file, staging_folder
+from .folders import OutputFolderError, check_output_folder, is_adapter_folder, read_text_file
 from .pipeline import TASK
 from .remote_code import HUB_FILES, PIPELINE_FILE, ROLE_FILES, RemoteCodeError, write_remote_code
 
@@ -124,8 +126,8 @@ def export_model_folder(
     if note:
         log(note)
     repo_id = repo_id or output.resolve().name
-    staging = staging_folder(output, [model_dir], overwrite)
-    try:
+    check_output_folder(output, [model_dir], overwrite)
+    with atomic_folder(output, overwrite=True) as staging:
         write_remote_code(staging, HUB_FILES)
         model.save_pretrained(str(staging), safe_serialization=True)
         processor.save_pretrained(str(staging))
@@ -155,10 +157,6 @@ def export_model_folder(
         )
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return files
 
 
@@ -173,8 +171,8 @@ def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, ov
         raise ExportError(f"{model_dir} is an adapter folder without {missing}; expected {list(ADAPTER_FILES)}")
     repo_id = repo_id or output.resolve().name
     card = card_for_folder(model_dir, repo_id, eval_results, base_models=base_models, datasets=datasets)
-    staging = staging_folder(output, [model_dir], overwrite)
-    try:
+    check_output_folder(output, [model_dir], overwrite)
+    with atomic_folder(output, overwrite=True) as staging:
         for name in ADAPTER_FILES + ADAPTER_EXTRA_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, staging / name)
@@ -182,10 +180,6 @@ def export_adapter_folder(model_dir, output, eval_results=None, repo_id=None, ov
             _update_json(staging / "adapter_config.json", lambda data: data.update(base_model_name_or_path=base_models[0]))
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return files
 
 

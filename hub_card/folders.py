@@ -1,17 +1,13 @@
 """The folders `detris export`, `detris space` and `detris push` read and write, and Hub repository ids.
 
-An output folder is written under a hidden staging name beside it (`.NAME.<pid>.<random>`) and renamed at the end,
-so a failed or killed run never leaves a folder that looks complete. A re-run removes the staging folders that
-killed runs left (those whose process is gone). The finished folder is readable by others (mode 0755 less the
-umask), like any folder a user creates; an output that is, or contains, one of the inputs is refused, so
-`--overwrite` can never delete what is being exported.
+An output folder is written whole or not at all (`configuration_detris.folders`: a hidden staging folder beside it,
+renamed at the end; staging folders of killed runs are removed by the next run). An output that is, contains or lies
+inside one of the inputs is refused, so `--overwrite` can never delete what is being exported.
 """
 
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
+
+from configuration_detris.folders import new_staging, overlap
 
 
 class OutputFolderError(ValueError):
@@ -68,82 +64,42 @@ def read_text_file(path, flag: str) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(output: Path) -> list[Path]:
-    """Remove the staging folders of `output` that runs which no longer exist left behind; returns them."""
-    pattern = re.compile(re.escape(f".{output.name}.") + r"(\d+)\.[^.]+")
-    removed = []
-    if not output.parent.is_dir():
-        return removed
-    for candidate in output.parent.iterdir():
-        match = pattern.fullmatch(candidate.name)
-        if match and candidate.is_dir() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
-def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
-                   what: str = "the model folder") -> Path:
-    """A new staging folder for `output`, after refusing an output that is, contains or lies inside one of `inputs`
-    (`what` names them in the message) and a non-empty output without `overwrite`, and removing what killed runs
-    left."""
+def check_output_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
+                        what: str = "the model folder") -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (`what` names them in the message), and a
+    non-empty output without `overwrite`."""
     output = Path(output)
-    resolved = output.resolve()
     for source in inputs:
-        source_resolved = Path(source).resolve()
-        if resolved == source_resolved:
+        relation = overlap(output, source)
+        if relation == "is":
             raise OutputFolderError(f"{flag} {str(output)!r} is {what} itself; expected a new folder")
-        if resolved in source_resolved.parents:
+        if relation == "contains":
             raise OutputFolderError(
                 f"{flag} {str(output)!r} contains {what} {str(source)!r}; expected a new folder outside it "
                 "(--overwrite would delete it)"
             )
-        if source_resolved in resolved.parents:
+        if relation == "is inside":
             raise OutputFolderError(
                 f"{flag} {str(output)!r} is inside {what} {str(source)!r}; expected a new folder outside it"
             )
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise OutputFolderError(f"{flag} {str(output)!r} exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(output)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", dir=output.parent))
 
 
-def _umask() -> int:
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
-
-
-def publish(staging: Path, output: Path) -> None:
-    """Make the staging folder readable like a folder the user creates, and put it in place of `output`."""
-    os.chmod(staging, 0o777 & ~_umask())
-    output = Path(output)
-    if output.is_dir() and not output.is_symlink():
-        shutil.rmtree(output)
-    elif output.exists() or output.is_symlink():
-        output.unlink()
-    staging.rename(output)
+def staging_folder(output, inputs=(), overwrite: bool = False, flag: str = "--output",
+                   what: str = "the model folder") -> Path:
+    """`check_output_folder`, then a new staging folder for `output` (`configuration_detris.folders.new_staging`)."""
+    check_output_folder(output, inputs, overwrite, flag, what)
+    return new_staging(output)
 
 
 __all__ = [
     "OutputFolderError",
+    "check_output_folder",
     "check_repo_id",
     "is_adapter_folder",
     "is_space_folder",
     "looks_like_repo_id",
-    "publish",
     "read_text_file",
-    "remove_stale_staging",
     "staging_folder",
 ]

@@ -21,8 +21,6 @@ This module imports nothing of ours, so `detris export` ships it unchanged as `p
 `pipeline(model=<exported repo>, trust_remote_code=True)` works without the package.
 """
 
-import os
-
 import numpy as np
 import torch
 from PIL import Image
@@ -46,14 +44,9 @@ def _check_text(text) -> list[str]:
 
 
 def _check_image(image):
+    # a path is checked (and decoded) by the image processor
     if image is None:
         raise ValueError("An image is required: a PIL image, a numpy array, a torch tensor or a file path.")
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if path.startswith(("http://", "https://")):
-            raise ValueError(f"URLs are not fetched by the DETRIS pipeline (offline); download {path!r} first.")
-        if not os.path.isfile(path):
-            raise ValueError(f"Image file {path!r} does not exist; expected a path to an image file.")
     return image
 
 

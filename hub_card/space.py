@@ -33,8 +33,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from configuration_detris.folders import publish
+
 from .export import export_model_folder, is_exported_folder
-from .folders import check_repo_id, is_adapter_folder, looks_like_repo_id, publish, staging_folder
+from .folders import check_repo_id, is_adapter_folder, looks_like_repo_id, staging_folder
 
 APP_SOURCE = Path(__file__).with_name("space_app.py")
 CARD_TEMPLATE = Path(__file__).with_name("space_card_template.md")

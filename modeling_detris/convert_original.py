@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from configuration_detris import DetrisConfig
+from configuration_detris.folders import new_staging, overlap, publish, staging_path
 from configuration_detris.release import (
     DATASET_FOLDER_NAMES,
     DEFAULT_WORD_LEN,
@@ -333,13 +334,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 def check_output(output, checkpoints, overwrite: bool = False) -> None:
     """Refuse, before any work, an `--output` that would destroy data: one that is, or contains, an input checkpoint
-    (always), a file, or a non-empty folder unless `overwrite` is set. The staging folder `<output>.partial` is
-    checked the same way (it is replaced at the start)."""
+    (always), a file, or a non-empty folder unless `overwrite` is set. The staging folder beside it
+    (`configuration_detris.folders.staging_path`) is checked the same way."""
     output = Path(output).resolve()
-    for target in (output, output.with_name(output.name + ".partial")):
+    for target in (output, staging_path(output), staging_path(output, os.getpid())):
         for checkpoint in checkpoints:
-            checkpoint = Path(checkpoint).resolve()
-            if checkpoint == target or target in checkpoint.parents:
+            if overlap(target, checkpoint) in ("is", "contains"):
                 raise ValueError(
                     f"--output {str(target)!r} is or contains the input checkpoint {str(checkpoint)!r}; choose a folder "
                     "outside the checkpoints (the output folder is replaced as a whole)"
@@ -348,19 +348,6 @@ def check_output(output, checkpoints, overwrite: bool = False) -> None:
         raise ValueError(f"--output {str(output)!r} is a file; expected a folder (new, empty, or with --overwrite)")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"--output {str(output)!r} is not empty; pass --overwrite to replace it, or choose a new folder")
-
-
-def _staging(output: Path) -> Path:
-    staging = output.with_name(output.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    return staging
-
-
-def _publish(staging: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)  # only reached after check_output: empty, or --overwrite
-    os.replace(staging, output)
 
 
 def convert_release(checkpoints, output, variant: str = "base", config=None, word_lens=None, datasets=None,
@@ -379,8 +366,7 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
     default_word_len = load_config(config, variant).word_len if config is not None else None
     plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len)
     final_base = (output / "base").resolve()
-    staging = _staging(output)
-    staging.mkdir(parents=True)
+    staging = new_staging(output)
     try:
         reference, sources, standalone = None, [], None
         for index, plan in enumerate(plans):
@@ -424,7 +410,7 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
             "head": f"the head of {sources[0]['file']} (each adapter carries its own)",
             "adapters": [plan["folder"] for plan in plans],
         })
-        _publish(staging, output)
+        publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -443,13 +429,13 @@ def convert_whole(checkpoint, output, variant: str = "base", config=None, word_l
                                [dataset] if dataset is not None else None, default_word_len)
     log(f"converting {checkpoint} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
     model = convert_checkpoint(checkpoint, variant, plan["word_len"], config)
-    staging = _staging(output)
+    staging = new_staging(output)
     try:
         model.save_pretrained(staging)
         if save_extras is not None:
             save_extras(staging, model.config)
         _write_json(staging / CONVERSION_FILE, {**_source_record(plan, variant if config is None else None), "kind": "model"})
-        _publish(staging, output)
+        publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

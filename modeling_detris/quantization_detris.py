@@ -43,23 +43,28 @@ INT8_LINEAR_PATTERN = re.compile(r"(?:^|\.)(vision_model|text_model)\..*\.(atten
 INT8_EXCLUDED_PART = "detris_"
 
 
-def _cpu_flags() -> frozenset[str]:
+def cpu_info(field: str) -> str | None:
+    """The value of `field` ("flags", "model name", ...) of the first CPU in /proc/cpuinfo; None where there is none."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset((cpu_info("flags") or "").split())
 
 
 @lru_cache(maxsize=None)
 def cpu_isa() -> dict:
     """The CPU features that decide the fast path: `{"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
     "amx_int8": bool, "onednn_bf16": bool}` (the last: torch's oneDNN runs bf16 natively on this CPU)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     isa = {name: name in flags for name in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")}
     try:
         isa["onednn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -134,4 +139,7 @@ def optimize_for_cpu(model: nn.Module, mode: str = "auto") -> nn.Module:
     return model
 
 
-__all__ = ["CPU_MODES", "cpu_fast_path", "cpu_isa", "int8_linear_names", "optimize_for_cpu", "quantize_backbone_linears"]
+__all__ = [
+    "CPU_MODES", "cpu_fast_path", "cpu_flags", "cpu_info", "cpu_isa", "int8_linear_names", "optimize_for_cpu",
+    "quantize_backbone_linears",
+]

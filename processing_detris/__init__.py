@@ -22,7 +22,7 @@ from .image_processing_detris import (
 )
 from .metrics import ReferringSegmentationMetric, compute_referring_metrics, intersection_and_union
 from .processing_detris import DetrisProcessor, draw_referring_overlay, overlay_colour, save_processor
-from .referring_iou import METRIC_PATH as REFERRING_IOU_METRIC_PATH
+from .referring_iou import REFERRING_IOU_METRIC_PATH
 from .tokenization_detris import DetrisTokenizer, clean_text
 
 

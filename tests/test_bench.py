@@ -10,7 +10,7 @@ import torch
 from benchmarks.bench_model import plan, preset_config
 from benchmarks.harness import PeakMemory, count_model_flops, cpu_allocator, summarise
 
-# PERFORMANCE.md §3.3: FlopCounterMode counts of the *official* DETRIS code at 448 px, batch 1, word_len 17.
+# docs/benchmarks.md: FlopCounterMode counts of the *official* DETRIS code at 448 px, batch 1, word_len 17.
 OFFICIAL_GFLOPS = {"base": (316.24, 728.24), "large": (829.92, 1760.32)}
 
 

@@ -21,7 +21,7 @@ from training.data import (
     load_data_pickle,
     to_sentence_level,
 )
-from training.data.cli import main_refer
+from training.data.cli import main as data_cli
 from refer_fixture import SCHEMES, make_refer_fixture, make_refs, py2_pickle_dumps
 from training.data.safe_pickle import DataOnlyUnpickler
 
@@ -212,19 +212,19 @@ def test_cli_refer_saves_atomically(fx, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--dataset", "refcoco", "--split-by", "unc", "--refer-root", fx["refer_root"],
             "--images-root", fx["images_root"], "--output", str(out), "--no-progress"]
-    assert main_refer(args) == 0
+    assert data_cli(["data", "refer"] + args) == 0
     assert "testB 1 refs" in capsys.readouterr().out
     dd = datasets.load_from_disk(str(out))
     ref = build_refer_dataset(fx["refer_root"], fx["images_root"], "refcoco", "unc", progress=False)
     assert {k: v.to_list() for k, v in dd.items()} == {k: v.to_list() for k, v in ref.items()}
     # user mistakes end in one line naming the problem, exit code 2
-    assert main_refer(args) == 2
+    assert data_cli(["data", "refer"] + args) == 2
     error = capsys.readouterr().err.strip()
     assert "--overwrite" in error and len(error.splitlines()) == 1
     # a failing rebuild leaves the saved data untouched (and no temp folders behind)
     before = sorted(os.listdir(out))
     shutil.rmtree(fx["images_root"])
-    assert main_refer(args + ["--overwrite"]) == 2
+    assert data_cli(["data", "refer"] + args + ["--overwrite"]) == 2
     assert "image file not found" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before
     assert datasets.load_from_disk(str(out))["train"].num_rows == 2
@@ -233,8 +233,9 @@ def test_cli_refer_saves_atomically(fx, tmp_path, capsys):
 
 def test_cli_bytes_mode_embeds_images(fx, tmp_path):
     out = tmp_path / "bytes"
-    main_refer(["--dataset", "refcocog", "--refer-root", fx["refer_root"], "--images-root", fx["images_root"],
-                "--output", str(out), "--image-mode", "bytes", "--no-progress", "--sentence-level"])
+    data_cli(["data", "refer", "--dataset", "refcocog", "--refer-root", fx["refer_root"],
+              "--images-root", fx["images_root"], "--output", str(out), "--image-mode", "bytes", "--no-progress",
+              "--sentence-level"])
     shutil.rmtree(fx["images_root"])  # bytes are embedded: the images are no longer needed
     dd = datasets.load_from_disk(str(out))
     row = dd["train"][0]

@@ -82,7 +82,7 @@ def test_converted_folder_holds_processor_and_word_len(converted_base_dir):
 # bf16: 8 mantissa bits, so every op output is rounded to ~0.4 % and the error accumulates over the 12 blocks, the
 # adapters and the head. Measured on the golden inputs (stand-in weights, logits in [-6.3, 6.3], std 1.25): max abs
 # diff to the official fp32 logits 0.18, mean 0.035. Tolerance: twice that, and the masks post-processed from the
-# bf16 logits must agree with the fp32 masks to IoU >= 0.99 (issue #7).
+# bf16 logits must agree with the fp32 masks to IoU >= 0.99.
 BF16_LOGITS_MAX_ABS = 0.35
 BF16_LOGITS_MEAN_ABS = 0.07
 BF16_MASK_IOU = 0.99

@@ -7,7 +7,6 @@ replacements, the lines it needs before it (what the surrounding prose defines) 
 missing from the table fails the test (no silent skip): add it, with the stand-ins it needs.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -178,21 +177,40 @@ PROJECT_PATH = re.compile(
     r"(?<![\w/.-])((?:hub_card|training|modeling_detris|processing_detris|configuration_detris|benchmarks|tests|docs"
     r"|requirements|\.ci)/[\w./+-]*\w)"
 )
-OUTSIDE_DOCUMENTS = re.compile(r"ARCHITECTURE\.md|ECOSYSTEM\.md|PERFORMANCE\.md|issue #\d+")
+# the developers' reference documents, issue numbers and section signs of documents outside the repository
+OUTSIDE_DOCUMENTS = re.compile(r"\b(?:ARCHITECTURE|ECOSYSTEM|PERFORMANCE)\b(?:\.md)?|\b[Ii]ssue[ -]#?\d+|§")
+PACKAGES = ("configuration_detris", "modeling_detris", "processing_detris", "training", "hub_card", "benchmarks")
 # what documented commands write (the tests' screenshots, a benchmark's --json / --markdown, `make gpu-check`)
 CREATED_AT_RUN_TIME = {"tests/artifacts", "benchmarks/results/cpu-fast-path.json", "benchmarks/results/cpu-fast-path.md",
-                       "benchmarks/results/gpu"}
+                       "benchmarks/results/gpu", "benchmarks/results/gpu.json"}
 
 
 def test_docs_cite_only_files_in_the_repository(workdir):
-    """README, docs, the generated cards and hub_card's docstrings name no document outside the repository, and
-    every project path they name exists."""
+    """README, docs and the generated cards name no document outside the repository, and every project path they
+    name exists."""
     texts = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
-             for path in DOCS + sorted((ROOT / "hub_card").glob("*.py")) + sorted((ROOT / "hub_card").glob("*.md"))}
+             for path in DOCS + sorted((ROOT / "hub_card").glob("*.md"))}
     texts.update({name: (workdir / name).read_text(encoding="utf-8") for name in ("card.md", "adapter_card.md")})
     outside = {name: OUTSIDE_DOCUMENTS.findall(text) for name, text in texts.items() if OUTSIDE_DOCUMENTS.search(text)}
     assert not outside, f"documents outside the repository are cited: {outside}"
     missing = {name: sorted({p for p in PROJECT_PATH.findall(text) if not (ROOT / p).exists()} - CREATED_AT_RUN_TIME)
+               for name, text in texts.items()}
+    missing = {name: paths for name, paths in missing.items() if paths}
+    assert not missing, f"paths that are not in the repository: {missing}"
+
+
+def test_code_cites_only_files_in_the_repository():
+    """Docstrings, comments, help texts and recipe headers of the six packages (.py, .yaml, .md), and the tests, name
+    no document outside the repository, and every project path they name exists."""
+    paths = [p for package in PACKAGES for ext in ("py", "yaml", "md")
+             for p in sorted((ROOT / package).rglob(f"*.{ext}"))]
+    paths += [p for p in sorted((ROOT / "tests").glob("*.py")) if p != Path(__file__).resolve()]
+    assert len(paths) > 100
+    texts = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8") for path in paths}
+    outside = {name: OUTSIDE_DOCUMENTS.findall(text) for name, text in texts.items() if OUTSIDE_DOCUMENTS.search(text)}
+    assert not outside, f"documents outside the repository are cited: {outside}"
+    missing = {name: sorted({p for p in PROJECT_PATH.findall(text)  # a pattern such as tests/test_hub_*.py names files
+                             if not (ROOT / p).exists() and not list(ROOT.glob(p + "*"))} - CREATED_AT_RUN_TIME)
                for name, text in texts.items()}
     missing = {name: paths for name, paths in missing.items() if paths}
     assert not missing, f"paths that are not in the repository: {missing}"

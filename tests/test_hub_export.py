@@ -20,7 +20,7 @@ import hub_card  # noqa: F401
 from hub_card.card import usage_snippet
 from hub_card.export import MODEL_AUTO_MAP, ExportError, export_model_folder
 from hub_card.folders import OutputFolderError
-from hub_card.remote_code import HUB_FILES, RemoteCodeError, RoleFile, copy_role_source, package_dir, write_remote_code
+from hub_card.remote_code import HUB_FILES, RemoteCodeError, RoleFile, package_dir, write_remote_code
 from training.cli import main as cli
 
 OURS = {"configuration_detris", "modeling_detris", "processing_detris", "hub_card", "training"}

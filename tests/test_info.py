@@ -1,4 +1,5 @@
-"""`detris info` counts parameters from the module tree; they must equal the official figures (ARCHITECTURE §1.11)."""
+"""`detris info` counts parameters from the module tree; they must equal the official
+DETRIS figures below."""
 
 import json
 

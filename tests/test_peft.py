@@ -1,4 +1,4 @@
-"""The DETRIS adapters as a PEFT method (issue #4), on tiny models (CPU, seconds).
+"""The DETRIS adapters as a PEFT method, on tiny models (CPU, seconds).
 
 Fresh-process loading is in test_peft_fresh_process.py; this file covers everything that can run in-process.
 """

@@ -9,7 +9,8 @@ import pytest
 from official_standins import make_official_checkpoint, write_config
 from training.cli import main as cli
 from refer_fixture import make_refer_fixture
-from training.reproduce import compare, find_checkpoints, markdown_tables, variant_from_name
+from configuration_detris.release import variant_from_checkpoint_name
+from training.reproduce import compare, find_checkpoints, markdown_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*zero-area.*"),
@@ -101,8 +102,8 @@ def test_pass_marks_at_the_tolerance():
 
 
 def test_official_file_names(tmp_path):
-    assert [variant_from_name(n) for n in ("base_refcoco+.pth", "lagre_refcoco.pth", "large_refcocog_g.pth", "mix.pth", "x.pth")] == [
-        "base", "large", "large", "large-mixed", None]
+    names = ("base_refcoco+.pth", "lagre_refcoco.pth", "large_refcocog_g.pth", "mix.pth", "x.pth")
+    assert [variant_from_checkpoint_name(n) for n in names] == ["base", "large", "large", "large-mixed", None]
     (tmp_path / "base").mkdir()
     for name in ("base_refcoco.pth", "base_refcoco_copy.pth"):
         (tmp_path / "base" / name).write_bytes(b"")

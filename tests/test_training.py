@@ -162,7 +162,7 @@ def test_trainer_path_trains_evaluates_and_reloads(tmp_path, tiny_data):
 
 
 def test_detris_eval_writes_tables_equal_to_the_accumulator(tmp_path, tiny_data):
-    from processing_detris.metrics import ReferringSegmentationMetric, intersection_and_union
+    from processing_detris.metrics import ReferringSegmentationMetric
     from training.cli import main as cli
     from training.evaluation import sentence_view
     from training.train import build_processor

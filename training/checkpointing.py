@@ -79,15 +79,16 @@ def checkpoint_path(output_dir, step: int) -> Path:
 
 def save_checkpoint(accelerator, output_dir, step: int, progress: dict, settings: dict) -> Path:
     """Write `checkpoint-<step>` with `accelerator.save_state` (call on every process): the main process owns the
-    staging folder (`training.folders.atomic_folder`), every process writes its part into it, and it is renamed once
-    all are done."""
+    staging folder (`configuration_detris.folders.atomic_folder`, shared by name), every process writes its part into
+    it, and it is renamed once all are done."""
     import contextlib
 
-    from training.folders import atomic_folder, staging_path
+    from configuration_detris.folders import atomic_folder, staging_path
 
     final = checkpoint_path(output_dir, step)
     main = accelerator.is_main_process
-    with atomic_folder(final, overwrite=True) if main else contextlib.nullcontext(staging_path(final)) as staging:
+    writing = atomic_folder(final, overwrite=True, shared=True) if main else contextlib.nullcontext(staging_path(final))
+    with writing as staging:
         accelerator.wait_for_everyone()  # the staging folder exists
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()  # every process wrote its files

@@ -140,7 +140,8 @@ def train_with_trainer(recipe: TrainingConfig, datasets=None, **argument_overrid
     `final/` (model + processor) atomically; returns the same summary as `training.train.train`."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from training.folders import OutputLock, atomic_folder
+    from configuration_detris.folders import atomic_folder
+    from training.folders import OutputLock
 
     datasets = datasets if datasets is not None else load_datasets(recipe)
     output_dir = Path(recipe.output_dir)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from configuration_detris.release import (
     EVALUATION_SPLITS,
+    MIXED_DATASETS,
     REFER_SOURCE,
     REPORTED_COLUMNS,
     REPORTED_SPLITS,
@@ -32,9 +33,8 @@ from configuration_detris.release import (
     dataset_from_checkpoint_name,
     reported_cells,
     reported_value,
+    variant_from_checkpoint_name,
 )
-from configuration_detris.release import MIXED_DATASETS as MIXED_EVAL  # DETRIS-L* (one model) is evaluated on each
-from configuration_detris.release import variant_from_checkpoint_name as variant_from_name
 
 # dataset key -> (refer dataset, split_by, the splits the paper evaluates)
 EVAL_SETS = {dataset: (*REFER_SOURCE[dataset], splits) for dataset, splits in EVALUATION_SPLITS.items()}
@@ -55,13 +55,13 @@ def find_checkpoints(official_dir, log=print) -> list[dict]:
         raise ValueError(f"--official-dir {str(official_dir)!r} is not a folder; expected the folder of the official .pth files")
     found = []
     for path in sorted(official_dir.rglob("*.pth")):
-        variant, dataset = variant_from_name(path), dataset_from_checkpoint_name(path)
+        variant, dataset = variant_from_checkpoint_name(path), dataset_from_checkpoint_name(path)
         if variant == "large-mixed":
             dataset = "mixed"
         if variant is None or dataset is None:
             log(f"skipping {path}: its name tells no {'variant (base_*, large_* / lagre_*, mix*)' if variant is None else 'dataset'}")
             continue
-        evaluated = MIXED_EVAL if dataset == "mixed" else (dataset,)
+        evaluated = MIXED_DATASETS if dataset == "mixed" else (dataset,)
         found.append({"path": path, "variant": variant, "dataset": dataset, "evaluated_on": evaluated,
                       "name": f"{variant}-{slug(dataset)}"})
     names = [c["name"] for c in found]

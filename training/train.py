@@ -264,7 +264,7 @@ def _checkpoint(accelerator, cfg, model, progress, settings):
 
 def _save_model(accelerator, model, processor, path):
     """`save_pretrained` of the model and the processor into `path`, written whole or not at all."""
-    from training.folders import atomic_folder
+    from configuration_detris.folders import atomic_folder
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -3,4 +3,4 @@
 import os
 
 
-METRIC_PATH = os.path.dirname(os.path.abspath(__file__))
+REFERRING_IOU_METRIC_PATH = os.path.dirname(os.path.abspath(__file__))

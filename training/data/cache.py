@@ -33,7 +33,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN as CLIP_MEAN
 from transformers.image_utils import OPENAI_CLIP_STD as CLIP_STD
 
 from processing_detris import get_letterbox_affine, letterbox_image, letterbox_mask, to_rgb_uint8
-from training.folders import atomic_folder
+from configuration_detris.folders import atomic_folder
 
 from .masks import decode_rle
 from .sentences import sentence_index
@@ -140,7 +140,7 @@ def build_letterbox_cache(
 
     ``processor`` (optional) tokenises every sentence once and fixes the input size; the letterbox is
     the processor's own (`processing_detris.letterbox_image` / `letterbox_mask`), so the cache equals its output.
-    The cache is written whole or not at all (``training.folders.atomic_folder``).
+    The cache is written whole or not at all (``configuration_detris.folders.atomic_folder``).
     """
     size = int(size or (_processor_size(processor) if processor is not None else 448))
     cache_dir = os.path.abspath(cache_dir)

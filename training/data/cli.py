@@ -7,8 +7,8 @@ Hook into the ``detris`` dispatcher (training/cli.py) with::
     args = parser.parse_args(argv); return args.func(args)
 
 or run ``python -m training.data.cli refer --dataset refcoco ...`` (:func:`main`).
-Every builder saves with ``save_to_disk`` into a staging folder and renames it (``training.folders.atomic_folder``),
-so a failure never leaves a half-written ``--output``, and a staging folder left by a killed run is removed by the
+Every builder saves with ``save_to_disk`` into a staging folder and renames it
+(``configuration_detris.folders.atomic_folder``), so a failure never leaves a half-written ``--output``, and a staging folder left by a killed run is removed by the
 next one. An ``--output`` that is, contains or lies inside an input folder is refused. Mistakes in the inputs
 (missing files, corrupt annotations) end in one line and exit code 2.
 """
@@ -19,7 +19,7 @@ import argparse
 import pickle
 import sys
 
-__all__ = ["add_data_subcommands", "build_parser", "main", "main_refer"]
+__all__ = ["add_data_subcommands", "build_parser", "main"]
 
 # user mistakes (a bad path, a corrupt annotation, an existing --output): one line, exit code 2. CorruptAnnotationError,
 # UnsafePickleError (an UnpicklingError) and the JSON / Unicode decode errors are ValueErrors or handled as such.
@@ -220,12 +220,6 @@ def _one_line(error) -> str:
     text = str(error) if not isinstance(error, FileNotFoundError) or not error.filename else \
         f"{error.filename}: {error.strerror or error}"
     return " ".join(text.split())
-
-
-def main_refer(argv=None) -> int:
-    """``detris data refer`` with its own argv (``--dataset refcoco --split-by unc --refer-root ...``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return main(["data", "refer"] + argv)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ import datasets
 from datasets import DatasetDict
 from tqdm.auto import tqdm
 
-from configuration_detris.release import HUB_REFER_REPOS as HUB_REPOS
-from configuration_detris.release import HUB_REFER_SPLIT_BY
+from configuration_detris.release import HUB_REFER_REPOS, HUB_REFER_SPLIT_BY
 
 from .rows import RowBuilder, check_split_sizes, rows_to_datasetdict
 from .schema import COCO_CATEGORIES, CorruptAnnotationError
 
-__all__ = ["HUB_REPOS", "load_refer_from_hub", "convert_hub_refer"]
+__all__ = ["load_refer_from_hub", "convert_hub_refer"]
 
 
 def _json(value, label, what):
@@ -121,15 +120,15 @@ def load_refer_from_hub(
         dataset: ``refcoco``, ``refcoco+`` or ``refcocog`` (umd).  The Google split is not on the Hub:
             build it with :func:`training.data.build_refer_dataset`.
         images_root: COCO ``train2014`` folder.
-        repo_id: Hub repo (default from :data:`HUB_REPOS`).
+        repo_id: Hub repo (default from :data:`HUB_REFER_REPOS`).
         data_files: local parquet file(s) with the same schema; when given, nothing is downloaded.
     """
-    if dataset not in HUB_REPOS:
-        raise ValueError(f"dataset is {dataset!r}, expected one of {sorted(HUB_REPOS)}")
+    if dataset not in HUB_REFER_REPOS:
+        raise ValueError(f"dataset is {dataset!r}, expected one of {sorted(HUB_REFER_REPOS)}")
     if data_files is not None:
         hub = datasets.load_dataset("parquet", data_files=data_files, **load_kwargs)
     else:
-        hub = datasets.load_dataset(repo_id or HUB_REPOS[dataset], **load_kwargs)
+        hub = datasets.load_dataset(repo_id or HUB_REFER_REPOS[dataset], **load_kwargs)
     return convert_hub_refer(
         hub, images_root, dataset,
         image_mode=image_mode, check_images=check_images, check_counts=check_counts, progress=progress,

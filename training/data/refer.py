@@ -21,16 +21,13 @@ from collections import OrderedDict
 from datasets import DatasetDict, concatenate_datasets
 from tqdm.auto import tqdm
 
-from configuration_detris.release import DEFAULT_SPLIT_BY, MIXED_DATASETS, REFER_SOURCE
-from configuration_detris.release import REFER_SPLIT_BY as REFER_DATASETS
+from configuration_detris.release import DEFAULT_SPLIT_BY, MIXED_DATASETS, REFER_SOURCE, REFER_SPLIT_BY
 
 from .rows import RowBuilder, check_split_sizes, read_json, rows_to_datasetdict
 from .safe_pickle import load_data_pickle
 from .schema import CorruptAnnotationError
 
 __all__ = [
-    "REFER_DATASETS",
-    "DEFAULT_SPLIT_BY",
     "build_refer_dataset",
     "build_mixed_dataset",
     "load_refer_files",
@@ -43,10 +40,10 @@ _REQUIRED_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
 def _check_dataset(dataset: str, split_by: str) -> None:
-    if dataset not in REFER_DATASETS:
-        raise ValueError(f"dataset is {dataset!r}, expected one of {sorted(REFER_DATASETS)}")
-    if split_by not in REFER_DATASETS[dataset]:
-        raise ValueError(f"split_by is {split_by!r} for {dataset}, expected one of {REFER_DATASETS[dataset]}")
+    if dataset not in REFER_SPLIT_BY:
+        raise ValueError(f"dataset is {dataset!r}, expected one of {sorted(REFER_SPLIT_BY)}")
+    if split_by not in REFER_SPLIT_BY[dataset]:
+        raise ValueError(f"split_by is {split_by!r} for {dataset}, expected one of {REFER_SPLIT_BY[dataset]}")
 
 
 def load_refer_files(refer_root: str, dataset: str, split_by: str, refs_sha256: str | None = None):

@@ -16,8 +16,6 @@ from .masks import MaskError, rle_area, rle_bbox, segmentation_to_rle
 from .schema import CorruptAnnotationError, image_value, object_features
 
 __all__ = [
-    "OFFICIAL_REF_COUNTS",
-    "OFFICIAL_SENTENCE_COUNTS",
     "RowBuilder",
     "rows_to_datasetdict",
     "check_split_sizes",
@@ -256,8 +254,8 @@ def check_split_sizes(dd: DatasetDict, key: tuple[str, str], check: bool | str =
 
 def save_atomic(dd, output: str, overwrite: bool = False, num_proc: int | None = None, extra: dict | None = None) -> str:
     """``save_to_disk`` of ``dd`` (and of each ``extra`` {subfolder: dataset}) written whole or not at all
-    (``training.folders.atomic_folder``); a failure leaves ``output`` untouched."""
-    from training.folders import atomic_folder
+    (``configuration_detris.folders.atomic_folder``); a failure leaves ``output`` untouched."""
+    from configuration_detris.folders import atomic_folder
 
     output = os.path.abspath(output)
     with atomic_folder(output, overwrite=overwrite) as staging:

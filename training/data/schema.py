@@ -33,7 +33,6 @@ import os
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 
 __all__ = [
-    "OBJECT_COLUMNS",
     "object_features",
     "sentence_features",
     "to_sentence_level",
@@ -78,9 +77,6 @@ def object_features(image_mode: str = "path", extra: dict | None = None) -> Feat
     if extra:
         feats.update(extra)
     return Features(feats)
-
-
-OBJECT_COLUMNS = tuple(object_features().keys())
 
 
 def sentence_features(features: Features) -> Features:
