@@ -35,6 +35,8 @@ from configuration_detris.release import (
     dataset_from_checkpoint_name,
 )
 
+RELEASE_BASE = "../base"  # an adapter folder's base_model_name_or_path in a split release
+
 _ADAPTER_RENAMES = [
     ("D_fc1.", "down_proj."),
     ("D_fc2.", "up_proj."),
@@ -378,7 +380,6 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
     check_output(output, checkpoints, overwrite)
     default_word_len = load_config(config, variant).word_len if config is not None else None
     plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len)
-    final_base = (output / "base").resolve()
     staging = _staging(output)
     staging.mkdir(parents=True)
     try:
@@ -401,7 +402,8 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
             standalone = convert_checkpoint(plan["path"], variant, plan["word_len"], config, official=official)
             del official
             base_dir = staging / "base" if index == 0 else None
-            peft_model = split_standalone_model(standalone, base_dir, base_model_name_or_path=str(final_base))
+            # relative to the adapter folder, so that the release can be moved or copied as a whole
+            peft_model = split_standalone_model(standalone, base_dir, base_model_name_or_path=RELEASE_BASE)
             source = _source_record(plan, variant if config is None else None)
             sources.append(source)
             if base_dir is not None:
@@ -414,7 +416,7 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
             (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's stub; `detris card` / `push` write ours
             if save_extras is not None:
                 save_extras(adapter_dir, standalone.config)
-            _write_json(adapter_dir / CONVERSION_FILE, {**source, "kind": "adapter", "base": "../base"})
+            _write_json(adapter_dir / CONVERSION_FILE, {**source, "kind": "adapter", "base": RELEASE_BASE})
             log(f"  adapter {plan['folder']}/ (dataset {plan['dataset']}, word_len {plan['word_len']})")
             del peft_model
         base_sources = [{k: s[k] for k in ("file", "sha256", "bytes", "dataset")} for s in sources]

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModel, AutoProcessor, CLIPTextModelWithProjection, Dinov2WithRegistersModel
 
+from modeling_detris import DetrisForReferringSegmentation
 from modeling_detris.peft_detris import is_adapter_key
 from official_standins import make_official_checkpoint, write_config
 from training.cli import main as cli
@@ -112,14 +113,50 @@ def test_each_adapter_on_the_shared_base_reproduces_its_whole_conversion(release
         assert inputs["input_ids"].shape[1] == (22 if adapter == "refcocog-umd" else 17)
         expected = _logits(AutoModel.from_pretrained(str(reference)).eval(), inputs)
         assert torch.equal(_logits(model, inputs), expected), adapter
-    # transformers' route: AutoModel on the adapter folder loads the base it names, then the adapter.
-    umd = AutoModel.from_pretrained(str(release / "refcocog-umd")).eval()
+    # The model class on the adapter folder loads the base it names (../base, beside the adapter), then the adapter.
+    umd = DetrisForReferringSegmentation.from_pretrained(str(release / "refcocog-umd")).eval()
     inputs = _inputs(release / "refcocog-umd")
     assert torch.equal(_logits(umd, inputs), _logits(AutoModel.from_pretrained(str(whole["umd"])).eval(), inputs))
     # With the adapters disabled the base expects its own text length again.
     with model.disable_adapter():
         with pytest.raises(ValueError, match=r"word_len=17"):
             _logits(model, inputs)
+
+
+def test_a_moved_release_loads_each_documented_way_with_identical_logits(standins, whole, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from training.parts import load_init_model
+    from training_helpers import tiny_recipe
+
+    built = tmp_path / "built" / "release"
+    assert cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(standins.umd), "--config",
+                str(standins.config), "--split-adapters", "--output", str(built)]) == 0
+    moved = tmp_path / "elsewhere" / "deeper" / "detris-release"
+    moved.parent.mkdir(parents=True)
+    built.rename(moved)  # the folder it was written to no longer exists
+    assert not built.exists()
+    monkeypatch.chdir(tmp_path)  # a current directory where ../base is nothing
+    for folder, reference in (("refcoco", whole["refcoco"]), ("refcocog-umd", whole["umd"])):
+        adapter = moved / folder
+        inputs = _inputs(adapter)
+        expected = _logits(AutoModel.from_pretrained(str(reference)).eval(), inputs)
+        loaded = {
+            "model class": DetrisForReferringSegmentation.from_pretrained(str(adapter)),
+            "peft": PeftModel.from_pretrained(AutoModel.from_pretrained(str(moved / "base")), str(adapter)),
+            "init-from": load_init_model(tiny_recipe(tmp_path / "run", init_from=str(adapter), model_config={})),
+        }
+        for route, model in loaded.items():
+            assert torch.equal(_logits(model.eval(), inputs), expected), (folder, route)
+    # A copy loads its own base, not the original's.
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    shutil.rmtree(moved / "base")
+    assert torch.equal(_logits(DetrisForReferringSegmentation.from_pretrained(str(copy / "refcoco")).eval(), inputs := _inputs(copy / "refcoco")),
+                       _logits(AutoModel.from_pretrained(str(whole["refcoco"])).eval(), inputs))
+    # An adapter separated from its base says where it looked.
+    with pytest.raises(OSError, match=r"names its base model '\.\./base' relative to itself, but .*holds no config.json"):
+        DetrisForReferringSegmentation.from_pretrained(str(moved / "refcoco"))
 
 
 def test_adapter_folders_hold_only_adapters_and_head(release):
@@ -130,7 +167,7 @@ def test_adapter_folders_hold_only_adapters_and_head(release):
     for folder, word_len, dataset in (("refcoco", 17, "refcoco"), ("refcocog-umd", 22, "refcocog-umd")):
         adapter_config = json.loads((release / folder / "adapter_config.json").read_text())
         assert adapter_config["peft_type"] == "DETRIS" and adapter_config["word_len"] == word_len
-        assert adapter_config["base_model_name_or_path"] == str((release / "base").resolve())
+        assert adapter_config["base_model_name_or_path"] == "../base"  # relative: the release can be moved
         with safe_open(str(release / folder / "adapter_model.safetensors"), "pt") as handle:
             keys = {k.removeprefix("base_model.model.") for k in handle.keys()}
         assert keys and all(is_adapter_key(k) or k.startswith(("neck.", "decoder.", "projector.")) for k in keys)
