@@ -118,7 +118,12 @@ def export_model_folder(
     model_dir, output = Path(model_dir), Path(output_dir)
     if is_adapter_folder(model_dir):
         return export_adapter_folder(model_dir, output, eval_results, repo_id, overwrite, base_models, datasets, log)
+    from transformers.utils import logging
+
     check_model_folder(model_dir)
+    # shown only when the export takes more than a second (a full-size model: loading and writing ~700 MB)
+    progress = logging.tqdm(total=3, desc=f"export {model_dir.name}", unit="step", delay=1)
+    progress.set_postfix_str("loading the model")
     model = DetrisForReferringSegmentation.from_pretrained(str(model_dir))
     processor, note = load_processor(model_dir, model.config)
     if note:
@@ -126,9 +131,13 @@ def export_model_folder(
     repo_id = repo_id or output.resolve().name
     staging = staging_folder(output, [model_dir], overwrite)
     try:
+        progress.update()
+        progress.set_postfix_str("writing weights, processor and code")
         write_remote_code(staging, HUB_FILES)
         model.save_pretrained(str(staging), safe_serialization=True)
         processor.save_pretrained(str(staging))
+        progress.update()
+        progress.set_postfix_str("writing the card")
 
         def model_config(data):
             data["auto_map"] = dict(MODEL_AUTO_MAP)
@@ -156,9 +165,12 @@ def export_model_folder(
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
         publish(staging, output)
+        progress.update()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        progress.close()
     return files
 
 

@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers.utils import logging
 
 from configuration_detris import DetrisConfig
 from configuration_detris.release import (
@@ -384,7 +386,8 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
     staging.mkdir(parents=True)
     try:
         reference, sources, standalone = None, [], None
-        for index, plan in enumerate(plans):
+        progress = logging.tqdm(plans, desc="checkpoints", unit="checkpoint", disable=len(plans) < 2)
+        for index, plan in enumerate(progress):
             log(f"converting {plan['path']} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
             official = load_official_state_dict(plan["path"])
             frozen = {k: v for k, v in official.items() if is_frozen_official_key(k)}
@@ -492,7 +495,7 @@ def main(argv=None, save_extras=None) -> int:
 
 def run(args: argparse.Namespace, save_extras=None) -> int:
     """Run parsed `detris convert` arguments (raises `ValueError` on a user mistake)."""
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    log = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731  (keeps the progress bar below)
     if args.split_adapters:
         convert_release(args.checkpoint, args.output, args.variant, args.config, args.word_len, args.dataset,
                         save_extras=save_extras, log=log, overwrite=args.overwrite)

@@ -909,6 +909,13 @@ class DetrisPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DetrisVisionEmbeddings", "DetrisVisionLayer", "DetrisTextEncoderLayer", "DetrisDecoderLayer"]
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """`is_activation_checkpointing` under its former name. peft (<= 0.21) reads this name on every `PeftModel`
+        it builds (`get_peft_model`, `PeftModel.from_pretrained`); transformers' own alias would print a
+        FutureWarning each time."""
+        return self.is_activation_checkpointing
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """Every initialisation of the model, by the part a module belongs to (`detris_init_family`). Adapters: the

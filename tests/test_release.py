@@ -159,6 +159,20 @@ def test_a_moved_release_loads_each_documented_way_with_identical_logits(standin
         DetrisForReferringSegmentation.from_pretrained(str(moved / "refcoco"))
 
 
+def test_converting_several_checkpoints_shows_progress_and_no_warnings(standins, tmp_path, capsys):
+    import warnings
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(standins.umd), "--config",
+                    str(standins.config), "--split-adapters", "--output", str(tmp_path / "release")]) == 0
+    assert [str(w.message) for w in caught] == []  # e.g. no FutureWarning about is_gradient_checkpointing
+    err = capsys.readouterr().err
+    assert "checkpoints: 100%" in err and "2/2" in err
+    assert "adapter refcoco/" in err and "adapter refcocog-umd/" in err
+
+
 def test_adapter_folders_hold_only_adapters_and_head(release):
     base_config = json.loads((release / "base" / "config.json").read_text())
     with safe_open(str(release / "base" / "model.safetensors"), "pt") as handle:
