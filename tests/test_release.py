@@ -148,6 +148,20 @@ def test_a_moved_release_loads_each_documented_way_with_identical_logits(standin
         }
         for route, model in loaded.items():
             assert torch.equal(_logits(model.eval(), inputs), expected), (folder, route)
+    # detris predict and detris eval on the moved adapter folder: the same outputs as on its checkpoint converted whole.
+    _image().save(tmp_path / "photo.png")
+    assert cli(["data", "refshapes", "--output", str(tmp_path / "data"), "--image-size", "64", "--n-train", "2",
+                "--n-validation", "2", "--n-test", "3", "--no-progress"]) == 0
+    outputs = {}
+    for name, folder in (("adapter", moved / "refcoco"), ("whole", whole["refcoco"])):
+        assert cli(["predict", "--model", str(folder), "--image", str(tmp_path / "photo.png"), "--text", EXPRESSIONS[0],
+                    "--output", str(tmp_path / f"predict-{name}")]) == 0
+        assert cli(["eval", "--model", str(folder), "--dataset", str(tmp_path / "data"), "--splits", "test",
+                    "--grid", "0", "--output", str(tmp_path / f"eval-{name}")]) == 0
+        outputs[name] = (json.loads((tmp_path / f"eval-{name}" / "results.json").read_text()),
+                         sorted((p.name, p.read_bytes()) for p in (tmp_path / f"predict-{name}").iterdir() if p.suffix == ".png"))
+    assert outputs["adapter"][0]["test"] == outputs["whole"][0]["test"]
+    assert outputs["adapter"][1] == outputs["whole"][1] and outputs["adapter"][1]
     # A copy loads its own base, not the original's.
     copy = tmp_path / "copy"
     shutil.copytree(moved, copy)
