@@ -29,7 +29,6 @@ from pathlib import Path
 
 from .card import CardError, add_card_arguments, build_model_card, card_for_folder
 from .folders import OutputFolderError, is_adapter_folder, publish, read_text_file, staging_folder
-from .pipeline import TASK
 from .remote_code import HUB_FILES, PIPELINE_FILE, ROLE_FILES, RemoteCodeError, write_remote_code
 
 MODEL_AUTO_MAP = {
@@ -45,9 +44,16 @@ TOKENIZER_AUTO_MAP = {
     "AutoProcessor": "processing_detris.DetrisProcessor",
     "AutoTokenizer": ["tokenization_detris.DetrisTokenizer", None],
 }
-CUSTOM_PIPELINES = {
-    TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [], "type": "multimodal"}
-}
+
+
+def custom_pipelines() -> dict:
+    """config.json's `custom_pipelines` entry (a function: the pipeline module imports torch, `--help` does not)."""
+    from .pipeline import TASK
+
+    return {TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [],
+                   "type": "multimodal"}}
+
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Copied when present: the adapter's own processor (its text length), and how a folder was converted.
 ADAPTER_EXTRA_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "conversion.json")
@@ -141,7 +147,7 @@ def export_model_folder(
 
         def model_config(data):
             data["auto_map"] = dict(MODEL_AUTO_MAP)
-            data["custom_pipelines"] = json.loads(json.dumps(CUSTOM_PIPELINES))
+            data["custom_pipelines"] = custom_pipelines()
 
         def processor_config(data):
             data["auto_map"] = dict(PROCESSOR_AUTO_MAP)

@@ -14,6 +14,8 @@ adapter folder per checkpoint (adapters + head), after checking that the frozen 
         --split-adapters --output detris-base-release     # -> base/, refcoco/, refcocog-umd/
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -24,11 +26,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
-from transformers.utils import logging
 
-from configuration_detris import DetrisConfig
 from configuration_detris.release import (
     DATASET_FOLDER_NAMES,
     DEFAULT_WORD_LEN,
@@ -74,6 +73,8 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
 def load_official_state_dict(path) -> dict[str, torch.Tensor]:
     """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix. A file that is not
     a plain PyTorch checkpoint of tensors (another format, truncated, or pickling code) is refused with a `ValueError`."""
+    import torch  # here, not at the top: `detris convert --help` needs none of it
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
@@ -215,6 +216,8 @@ def build_model(config: DetrisConfig):
 def load_config(config_or_path, variant: str = "base", word_len: int | None = None) -> DetrisConfig:
     """The DetrisConfig to convert into: a `DetrisConfig`, a `config.json` file or a model folder, else the preset
     `variant`; `word_len` (when given) replaces the config's."""
+    from configuration_detris import DetrisConfig
+
     if config_or_path is None:
         config = DetrisConfig.from_preset(variant)
     elif isinstance(config_or_path, DetrisConfig):
@@ -256,6 +259,8 @@ def is_frozen_official_key(name: str) -> bool:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
@@ -386,6 +391,8 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
     staging.mkdir(parents=True)
     try:
         reference, sources, standalone = None, [], None
+        from transformers.utils import logging
+
         progress = logging.tqdm(plans, desc="checkpoints", unit="checkpoint", disable=len(plans) < 2)
         for index, plan in enumerate(progress):
             log(f"converting {plan['path']} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
