@@ -31,7 +31,6 @@ from configuration_detris.folders import atomic_folder
 
 from .card import CardError, add_card_arguments, build_model_card, card_for_folder
 from .folders import OutputFolderError, check_output_folder, is_adapter_folder, read_text_file
-from .pipeline import TASK
 from .remote_code import HUB_FILES, PIPELINE_FILE, ROLE_FILES, RemoteCodeError, write_remote_code
 
 MODEL_AUTO_MAP = {
@@ -47,9 +46,16 @@ TOKENIZER_AUTO_MAP = {
     "AutoProcessor": "processing_detris.DetrisProcessor",
     "AutoTokenizer": ["tokenization_detris.DetrisTokenizer", None],
 }
-CUSTOM_PIPELINES = {
-    TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [], "type": "multimodal"}
-}
+
+
+def custom_pipelines() -> dict:
+    """config.json's `custom_pipelines` entry (a function: the pipeline module imports torch, `--help` does not)."""
+    from .pipeline import TASK
+
+    return {TASK: {"impl": f"{PIPELINE_FILE.name}.ReferringImageSegmentationPipeline", "pt": ["AutoModel"], "tf": [],
+                   "type": "multimodal"}}
+
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Copied when present: the adapter's own processor (its text length), and how a folder was converted.
 ADAPTER_EXTRA_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "conversion.json")
@@ -120,21 +126,30 @@ def export_model_folder(
     model_dir, output = Path(model_dir), Path(output_dir)
     if is_adapter_folder(model_dir):
         return export_adapter_folder(model_dir, output, eval_results, repo_id, overwrite, base_models, datasets, log)
+    from transformers.utils import logging
+
     check_model_folder(model_dir)
+    # shown only when the export takes more than a second (a full-size model: loading and writing ~700 MB)
+    progress = logging.tqdm(total=3, desc=f"export {model_dir.name}", unit="step", delay=1)
+    progress.set_postfix_str("loading the model")
     model = DetrisForReferringSegmentation.from_pretrained(str(model_dir))
     processor, note = load_processor(model_dir, model.config)
     if note:
         log(note)
     repo_id = repo_id or output.resolve().name
     check_output_folder(output, [model_dir], overwrite)
-    with atomic_folder(output, overwrite=True) as staging:
+    with progress, atomic_folder(output, overwrite=True) as staging:
+        progress.update()
+        progress.set_postfix_str("writing weights, processor and code")
         write_remote_code(staging, HUB_FILES)
         model.save_pretrained(str(staging), safe_serialization=True)
         processor.save_pretrained(str(staging))
+        progress.update()
+        progress.set_postfix_str("writing the card")
 
         def model_config(data):
             data["auto_map"] = dict(MODEL_AUTO_MAP)
-            data["custom_pipelines"] = json.loads(json.dumps(CUSTOM_PIPELINES))
+            data["custom_pipelines"] = custom_pipelines()
 
         def processor_config(data):
             data["auto_map"] = dict(PROCESSOR_AUTO_MAP)
@@ -157,6 +172,7 @@ def export_model_folder(
         )
         card.save(str(staging / "README.md"))
         files = sorted(p.name for p in staging.iterdir())
+        progress.update()
     return files
 
 

@@ -34,6 +34,8 @@ def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
     from .pipeline import TASK
 
     try:
+        if (Path(model) / "adapter_config.json").is_file() and not (Path(model) / "config.json").is_file():
+            return _adapter_pipeline(model, device)
         return pipeline(TASK, model=model, device=device, trust_remote_code=trust_remote_code)
     except ValueError as error:
         if trust_remote_code or "trust_remote_code" not in str(error):
@@ -42,6 +44,20 @@ def load_pipeline(model: str, device=None, trust_remote_code: bool = False):
             f"--model {model!r} is not a DETRIS model detris-hf can load with its own classes: it needs its own Python "
             "code; pass --trust-remote-code to run that code (only for a source you trust)"
         ) from error
+
+
+def _adapter_pipeline(folder: str, device=None):
+    """A PEFT adapter folder over its base (a release's relative `../base` found beside the adapter, which
+    transformers' pipeline would look for in the current directory), with the adapter's own processor."""
+    from transformers import AutoProcessor, pipeline
+
+    import processing_detris  # noqa: F401
+    from modeling_detris import DetrisForReferringSegmentation
+
+    from .pipeline import TASK
+
+    model = DetrisForReferringSegmentation.from_pretrained(folder).eval()
+    return pipeline(TASK, model=model, processor=AutoProcessor.from_pretrained(folder), device=device)
 
 
 def predict(model, images, texts, output, threshold=None, device=None, log=print,

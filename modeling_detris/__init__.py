@@ -11,6 +11,7 @@ from .modeling_detris import (
     DetrisPreTrainedModel,
     DetrisSegmentationOutput,
     TextAdapter,
+    adapter_base_model_path,
     native_low_precision_cpu,
 )
 from .peft_detris import (
@@ -39,6 +40,7 @@ __all__ = [
     "DetrisSegmentationOutput",
     "TextAdapter",
     "TextAdapterLayer",
+    "adapter_base_model_path",
     "native_low_precision_cpu",
     "to_standalone_model",
 ]

@@ -14,6 +14,8 @@ adapter folder per checkpoint (adapters + head), after checking that the frozen 
         --split-adapters --output detris-base-release     # -> base/, refcoco/, refcocog-umd/
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -23,11 +25,16 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from tqdm import tqdm
 
-from configuration_detris import DetrisConfig
 from configuration_detris.folders import new_staging, overlap, publish, staging_path
+
+if TYPE_CHECKING:  # torch and the config are imported where they are used, so `detris convert --help` stays fast
+    import torch
+
+    from configuration_detris import DetrisConfig
 from configuration_detris.release import (
     DATASET_FOLDER_NAMES,
     DEFAULT_WORD_LEN,
@@ -35,6 +42,8 @@ from configuration_detris.release import (
     canonical_dataset,
     dataset_from_checkpoint_name,
 )
+
+RELEASE_BASE = "../base"  # an adapter folder's base_model_name_or_path in a split release
 
 _ADAPTER_RENAMES = [
     ("D_fc1.", "down_proj."),
@@ -71,6 +80,8 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
 def load_official_state_dict(path) -> dict[str, torch.Tensor]:
     """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix. A file that is not
     a plain PyTorch checkpoint of tensors (another format, truncated, or pickling code) is refused with a `ValueError`."""
+    import torch  # here, not at the top: `detris convert --help` needs none of it
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
@@ -212,6 +223,8 @@ def build_model(config: DetrisConfig):
 def load_config(config_or_path, variant: str = "base", word_len: int | None = None) -> DetrisConfig:
     """The DetrisConfig to convert into: a `DetrisConfig`, a `config.json` file or a model folder, else the preset
     `variant`; `word_len` (when given) replaces the config's."""
+    from configuration_detris import DetrisConfig
+
     if config_or_path is None:
         config = DetrisConfig.from_preset(variant)
     elif isinstance(config_or_path, DetrisConfig):
@@ -253,6 +266,8 @@ def is_frozen_official_key(name: str) -> bool:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import torch
+
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
@@ -365,11 +380,13 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
     check_output(output, checkpoints, overwrite)
     default_word_len = load_config(config, variant).word_len if config is not None else None
     plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len)
-    final_base = (output / "base").resolve()
     staging = new_staging(output)
     try:
         reference, sources, standalone = None, [], None
-        for index, plan in enumerate(plans):
+        from transformers.utils import logging
+
+        progress = logging.tqdm(plans, desc="checkpoints", unit="checkpoint", disable=len(plans) < 2)
+        for index, plan in enumerate(progress):
             log(f"converting {plan['path']} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
             official = load_official_state_dict(plan["path"])
             frozen = {k: v for k, v in official.items() if is_frozen_official_key(k)}
@@ -387,7 +404,8 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
             standalone = convert_checkpoint(plan["path"], variant, plan["word_len"], config, official=official)
             del official
             base_dir = staging / "base" if index == 0 else None
-            peft_model = split_standalone_model(standalone, base_dir, base_model_name_or_path=str(final_base))
+            # relative to the adapter folder, so that the release can be moved or copied as a whole
+            peft_model = split_standalone_model(standalone, base_dir, base_model_name_or_path=RELEASE_BASE)
             source = _source_record(plan, variant if config is None else None)
             sources.append(source)
             if base_dir is not None:
@@ -400,7 +418,7 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
             (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's stub; `detris card` / `push` write ours
             if save_extras is not None:
                 save_extras(adapter_dir, standalone.config)
-            _write_json(adapter_dir / CONVERSION_FILE, {**source, "kind": "adapter", "base": "../base"})
+            _write_json(adapter_dir / CONVERSION_FILE, {**source, "kind": "adapter", "base": RELEASE_BASE})
             log(f"  adapter {plan['folder']}/ (dataset {plan['dataset']}, word_len {plan['word_len']})")
             del peft_model
         base_sources = [{k: s[k] for k in ("file", "sha256", "bytes", "dataset")} for s in sources]
@@ -476,7 +494,7 @@ def main(argv=None, save_extras=None) -> int:
 
 def run(args: argparse.Namespace, save_extras=None) -> int:
     """Run parsed `detris convert` arguments (raises `ValueError` on a user mistake)."""
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    log = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731  (keeps the progress bar below)
     if args.split_adapters:
         convert_release(args.checkpoint, args.output, args.variant, args.config, args.word_len, args.dataset,
                         save_extras=save_extras, log=log, overwrite=args.overwrite)

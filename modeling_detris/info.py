@@ -4,18 +4,16 @@
     detris info path/to/converted     # a saved model folder
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
 
-import torch
-from torch import nn
+from configuration_detris.release import VARIANTS
 
-from configuration_detris import DetrisConfig
-from configuration_detris.configuration_detris import PRESET_ALIASES, PRESETS
-
-from .modeling_detris import DenseAligner, TextAdapter
+# torch, transformers and the model are imported where used, so that `detris info --help` prints at once
 
 
 @dataclass
@@ -46,13 +44,15 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _adapter_params(module: nn.Module, adapter_cls) -> list[nn.Parameter]:
+def _adapter_params(module: torch.nn.Module, adapter_cls) -> list[torch.nn.Parameter]:
     return [p for sub in module.modules() if isinstance(sub, adapter_cls) for p in sub.parameters()]
 
 
 def count_parameters(model) -> ParameterCounts:
     """Counts by role. The frozen backbone is everything in the two encoders that is not an adapter, plus CLIP's
     unused `logit_scale` (the official convention, which counts the whole CLIP text tower)."""
+    from .modeling_detris import DenseAligner, TextAdapter
+
     dense = _numel(_adapter_params(model.vision_model, DenseAligner))
     text = _numel(_adapter_params(model.text_model, TextAdapter))
     vision_all = _numel(model.vision_model.parameters())
@@ -78,14 +78,16 @@ HEAD_PREFIXES = ("neck.", "decoder.", "projector.")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def release_sizes(model, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, int]]:
+def release_sizes(model, dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
     """What each folder of a release holds, counted from the model's state dict (works on the meta device), with
     floating-point tensors stored in `dtype` (`num_batches_tracked` stays int64; the safetensors header, some tens
     of kB, comes on top of `bytes`): `standalone` (the whole model), `base` (backbones + head, no adapters),
     `adapter` (adapters + head: the adapter folder of `detris convert --split-adapters`), `adapters_only` (an
     adapter folder saved with `modules_to_save=None`). Each: `parameters`, `statistics` (BatchNorm running
-    statistics and counters), `bytes`."""
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    statistics and counters), `bytes`. `dtype` None: float32."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype or torch.float32, device="meta").element_size()
     sizes = {name: {"parameters": 0, "statistics": 0, "bytes": 0} for name in ("standalone", "base", "adapter", "adapters_only")}
     adapter_keys = set(model.adapter_state_dict())
     for key, tensor in model.state_dict().items():
@@ -102,6 +104,8 @@ def release_sizes(model, dtype: torch.dtype = torch.float32) -> dict[str, dict[s
 
 def format_sizes(model) -> str:
     """A markdown table of `release_sizes` in fp32 and bf16 (MB = 10^6 bytes)."""
+    import torch
+
     fp32, bf16 = release_sizes(model, torch.float32), release_sizes(model, torch.bfloat16)
     labels = {
         "standalone": "whole model (`detris convert`, `to_standalone_model`)",
@@ -122,6 +126,11 @@ def format_sizes(model) -> str:
 
 def load_for_counting(model_or_preset: str):
     """A preset name is built on the meta device (fast, no memory); anything else is loaded with `from_pretrained`."""
+    import torch
+
+    from configuration_detris import DetrisConfig
+    from configuration_detris.configuration_detris import PRESET_ALIASES, PRESETS
+
     from .modeling_detris import DetrisForReferringSegmentation
 
     if model_or_preset.lower() in PRESETS or model_or_preset.lower() in PRESET_ALIASES:
@@ -157,7 +166,7 @@ def format_counts(counts: ParameterCounts, title: str) -> str:
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="detris info", description="DETRIS parameter counts")
-    parser.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a model folder / Hub id")
+    parser.add_argument("model", help=f"a preset ({', '.join(VARIANTS)}) or a model folder / Hub id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--sizes", action="store_true",
                         help="print the sizes of the release folders (whole, base, adapter) in fp32 and bf16")

@@ -14,7 +14,9 @@ configuration (docs/architecture.md describes the sections and the key layout).
 
 import contextlib
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -907,6 +909,13 @@ class DetrisPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DetrisVisionEmbeddings", "DetrisVisionLayer", "DetrisTextEncoderLayer", "DetrisDecoderLayer"]
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """`is_activation_checkpointing` under its former name. peft (<= 0.21) reads this name on every `PeftModel`
+        it builds (`get_peft_model`, `PeftModel.from_pretrained`); transformers' own alias would print a
+        FutureWarning each time."""
+        return self.is_activation_checkpointing
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """Every initialisation of the model, by the part a module belongs to (`detris_init_family`). Adapters: the
@@ -954,6 +963,33 @@ class DetrisPreTrainedModel(PreTrainedModel):
 
 
 # ===== the task model =================================================================================================
+def _adapter_config_base(folder) -> str | None:
+    path = os.path.join(str(folder), "adapter_config.json")
+    if not os.path.isdir(str(folder)) or not os.path.isfile(path) or os.path.isfile(os.path.join(str(folder), "config.json")):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file).get("base_model_name_or_path")
+
+
+def adapter_base_model_path(folder) -> str | None:
+    """The base model of a local PEFT adapter folder (one without its own `config.json`): its
+    `base_model_name_or_path`, a relative path (`../base`) resolved against the adapter folder so that a moved or
+    copied release still finds its base; a Hub id or absolute path as written. None when `folder` is no local adapter
+    folder or names no base. Raises `OSError` for a relative base missing beside the adapter."""
+    base = _adapter_config_base(folder)
+    relative = bool(base) and not os.path.isabs(base) and (
+        base.startswith(".") or os.path.isdir(os.path.join(str(folder), base)))
+    if not relative:
+        return base or None
+    resolved = os.path.normpath(os.path.join(os.path.abspath(str(folder)), base))
+    if not os.path.isfile(os.path.join(resolved, "config.json")):
+        raise OSError(
+            f"the adapter folder {str(folder)!r} names its base model {base!r} relative to itself, but {resolved!r} "
+            "holds no config.json; expected the base folder there (keep a release's base/ beside its adapters)"
+        )
+    return resolved
+
+
 class DetrisForReferringSegmentation(DetrisPreTrainedModel):
     """DETRIS: frozen DINOv2-reg4 + CLIP text encoders with Dense Aligners / text adapters and a neck-decoder-projector
     head. Only the adapters and the head are trainable."""
@@ -981,9 +1017,17 @@ class DetrisForReferringSegmentation(DetrisPreTrainedModel):
         self.freeze_backbones()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`; a local PEFT adapter folder whose `base_model_name_or_path` is relative
+        (`../base`, as `detris convert --split-adapters` writes it) is loaded over that base resolved against the
+        adapter folder, not the current directory (`adapter_base_model_path`)."""
+        written, base = _adapter_config_base(pretrained_model_name_or_path), adapter_base_model_path(pretrained_model_name_or_path)
+        if base != written:
+            adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
+            adapter_kwargs["_adapter_model_path"] = str(pretrained_model_name_or_path)
+            pretrained_model_name_or_path, kwargs["adapter_kwargs"] = base, adapter_kwargs
         # Loading replaces the parameters (and their requires_grad flags): re-apply the freezing rule.
-        model = super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if isinstance(model, DetrisForReferringSegmentation):
             model.freeze_backbones()
         return model
@@ -1246,6 +1290,7 @@ def select_hidden_states(hidden_states: tuple, selection) -> tuple | None:
 
 __all__ = [
     "DetrisForReferringSegmentation",
+    "adapter_base_model_path",
     "DetrisPreTrainedModel",
     "DetrisSegmentationOutput",
     "DenseAligner",

@@ -13,14 +13,14 @@ to fp32, so the text comparison also reports how many tensors match after roundi
 public weights to fp16.
 """
 
+from __future__ import annotations
+
 import argparse
 import datetime
 import hashlib
 import json
 import sys
 from pathlib import Path
-
-import torch
 
 from configuration_detris.release import PUBLIC_TEXT_BACKBONE, PUBLIC_TEXT_BACKBONE_SHAPE, PUBLIC_VISION_BACKBONES
 
@@ -53,6 +53,8 @@ def backbone_tensors(model) -> dict[str, dict[str, torch.Tensor]]:
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the sorted names, dtypes, shapes and raw bytes: equal fingerprints mean bit-identical tensors."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
@@ -63,6 +65,8 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 def fp16_representable(tensors: dict[str, torch.Tensor]) -> bool:
     """True when every floating-point value survives a round trip through fp16 unchanged."""
+    import torch
+
     for tensor in tensors.values():
         if tensor.is_floating_point() and not torch.equal(tensor.to(torch.float16).to(tensor.dtype), tensor):
             return False
@@ -116,6 +120,8 @@ def make_provenance(model, checkpoints: list[dict], variant: str | None = None) 
 def compare_tensors(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
     """Tensor-by-tensor comparison: counts of bit-identical tensors, of tensors equal once the reference is rounded to
     fp16, the largest absolute difference, and the names that differ / are missing / are extra."""
+    import torch
+
     missing = sorted(set(reference) - set(ours))
     extra = sorted(set(ours) - set(reference))
     identical, after_fp16, differing, max_diff = 0, 0, [], 0.0
@@ -151,6 +157,7 @@ def compare_tensors(ours: dict[str, torch.Tensor], reference: dict[str, torch.Te
 def compare_with_public(base_dir, vision: str | None = None, text: str | None = None, write: bool = True) -> dict:
     """Compare the backbones of the DETRIS folder `base_dir` with the public checkpoints (Hub ids or local folders;
     default: those of the same shape) and, with `write`, record the result in its `backbone_provenance.json`."""
+    import torch
     from transformers import CLIPTextModelWithProjection, Dinov2WithRegistersModel
 
     from .modeling_detris import DetrisForReferringSegmentation

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModel, AutoProcessor, CLIPTextModelWithProjection, Dinov2WithRegistersModel
 
+from modeling_detris import DetrisForReferringSegmentation
 from modeling_detris.peft_detris import is_adapter_key
 from official_standins import make_official_checkpoint, write_config
 from training.cli import main as cli
@@ -112,14 +113,78 @@ def test_each_adapter_on_the_shared_base_reproduces_its_whole_conversion(release
         assert inputs["input_ids"].shape[1] == (22 if adapter == "refcocog-umd" else 17)
         expected = _logits(AutoModel.from_pretrained(str(reference)).eval(), inputs)
         assert torch.equal(_logits(model, inputs), expected), adapter
-    # transformers' route: AutoModel on the adapter folder loads the base it names, then the adapter.
-    umd = AutoModel.from_pretrained(str(release / "refcocog-umd")).eval()
+    # The model class on the adapter folder loads the base it names (../base, beside the adapter), then the adapter.
+    umd = DetrisForReferringSegmentation.from_pretrained(str(release / "refcocog-umd")).eval()
     inputs = _inputs(release / "refcocog-umd")
     assert torch.equal(_logits(umd, inputs), _logits(AutoModel.from_pretrained(str(whole["umd"])).eval(), inputs))
     # With the adapters disabled the base expects its own text length again.
     with model.disable_adapter():
         with pytest.raises(ValueError, match=r"word_len=17"):
             _logits(model, inputs)
+
+
+def test_a_moved_release_loads_each_documented_way_with_identical_logits(standins, whole, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from training.parts import load_init_model
+    from training_helpers import tiny_recipe
+
+    built = tmp_path / "built" / "release"
+    assert cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(standins.umd), "--config",
+                str(standins.config), "--split-adapters", "--output", str(built)]) == 0
+    moved = tmp_path / "elsewhere" / "deeper" / "detris-release"
+    moved.parent.mkdir(parents=True)
+    built.rename(moved)  # the folder it was written to no longer exists
+    assert not built.exists()
+    monkeypatch.chdir(tmp_path)  # a current directory where ../base is nothing
+    for folder, reference in (("refcoco", whole["refcoco"]), ("refcocog-umd", whole["umd"])):
+        adapter = moved / folder
+        inputs = _inputs(adapter)
+        expected = _logits(AutoModel.from_pretrained(str(reference)).eval(), inputs)
+        loaded = {
+            "model class": DetrisForReferringSegmentation.from_pretrained(str(adapter)),
+            "peft": PeftModel.from_pretrained(AutoModel.from_pretrained(str(moved / "base")), str(adapter)),
+            "init-from": load_init_model(tiny_recipe(tmp_path / "run", init_from=str(adapter), model_config={})),
+        }
+        for route, model in loaded.items():
+            assert torch.equal(_logits(model.eval(), inputs), expected), (folder, route)
+    # detris predict and detris eval on the moved adapter folder: the same outputs as on its checkpoint converted whole.
+    _image().save(tmp_path / "photo.png")
+    assert cli(["data", "refshapes", "--output", str(tmp_path / "data"), "--image-size", "64", "--n-train", "2",
+                "--n-validation", "2", "--n-test", "3", "--no-progress"]) == 0
+    outputs = {}
+    for name, folder in (("adapter", moved / "refcoco"), ("whole", whole["refcoco"])):
+        assert cli(["predict", "--model", str(folder), "--image", str(tmp_path / "photo.png"), "--text", EXPRESSIONS[0],
+                    "--output", str(tmp_path / f"predict-{name}")]) == 0
+        assert cli(["eval", "--model", str(folder), "--dataset", str(tmp_path / "data"), "--splits", "test",
+                    "--grid", "0", "--output", str(tmp_path / f"eval-{name}")]) == 0
+        outputs[name] = (json.loads((tmp_path / f"eval-{name}" / "results.json").read_text()),
+                         sorted((p.name, p.read_bytes()) for p in (tmp_path / f"predict-{name}").iterdir() if p.suffix == ".png"))
+    assert outputs["adapter"][0]["test"] == outputs["whole"][0]["test"]
+    assert outputs["adapter"][1] == outputs["whole"][1] and outputs["adapter"][1]
+    # A copy loads its own base, not the original's.
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    shutil.rmtree(moved / "base")
+    assert torch.equal(_logits(DetrisForReferringSegmentation.from_pretrained(str(copy / "refcoco")).eval(), inputs := _inputs(copy / "refcoco")),
+                       _logits(AutoModel.from_pretrained(str(whole["refcoco"])).eval(), inputs))
+    # An adapter separated from its base says where it looked.
+    with pytest.raises(OSError, match=r"names its base model '\.\./base' relative to itself, but .*holds no config.json"):
+        DetrisForReferringSegmentation.from_pretrained(str(moved / "refcoco"))
+
+
+def test_converting_several_checkpoints_shows_progress_and_no_warnings(standins, tmp_path, capsys):
+    import warnings
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(["convert", "--checkpoint", str(standins.refcoco), "--checkpoint", str(standins.umd), "--config",
+                    str(standins.config), "--split-adapters", "--output", str(tmp_path / "release")]) == 0
+    assert [str(w.message) for w in caught] == []  # e.g. no FutureWarning about is_gradient_checkpointing
+    err = capsys.readouterr().err
+    assert "checkpoints: 100%" in err and "2/2" in err
+    assert "adapter refcoco/" in err and "adapter refcocog-umd/" in err
 
 
 def test_adapter_folders_hold_only_adapters_and_head(release):
@@ -130,7 +195,7 @@ def test_adapter_folders_hold_only_adapters_and_head(release):
     for folder, word_len, dataset in (("refcoco", 17, "refcoco"), ("refcocog-umd", 22, "refcocog-umd")):
         adapter_config = json.loads((release / folder / "adapter_config.json").read_text())
         assert adapter_config["peft_type"] == "DETRIS" and adapter_config["word_len"] == word_len
-        assert adapter_config["base_model_name_or_path"] == str((release / "base").resolve())
+        assert adapter_config["base_model_name_or_path"] == "../base"  # relative: the release can be moved
         with safe_open(str(release / folder / "adapter_model.safetensors"), "pt") as handle:
             keys = {k.removeprefix("base_model.model.") for k in handle.keys()}
         assert keys and all(is_adapter_key(k) or k.startswith(("neck.", "decoder.", "projector.")) for k in keys)

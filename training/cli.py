@@ -1,6 +1,7 @@
 """The `detris` command: a thin dispatcher. Each subcommand lives with the package it serves and is imported by its
 module name only when it runs."""
 
+import contextlib
 import sys
 
 USAGE = """usage: detris <command> [options]
@@ -52,9 +53,37 @@ def convert_main(argv) -> int:
     (processing_detris); the two packages do not import each other, so the dispatcher joins them."""
     from importlib import import_module
 
+    if wants_help(argv):
+        with package_without_init("modeling_detris.convert_original"):
+            return import_module("modeling_detris.convert_original").main(argv)
     save_processor = import_module("processing_detris.processing_detris").save_processor
     convert = import_module("modeling_detris.convert_original").main
     return convert(argv, save_extras=lambda folder, config: save_processor(str(folder), config=config))
+
+
+@contextlib.contextmanager
+def package_without_init(module_name: str):
+    """Import `module_name` without running its top-level package's `__init__` (modeling_detris and hub_card register
+    with transformers there, which imports torch: seconds), for printing a command's `--help`, which needs only its
+    argument parser. The package and everything imported under it are forgotten afterwards, so a later import runs
+    the real `__init__`."""
+    import importlib.util
+
+    package = module_name.split(".")[0]
+    spec = importlib.util.find_spec(package) if package not in sys.modules else None
+    if spec is None or spec.submodule_search_locations is None:
+        yield
+        return
+    sys.modules[package] = importlib.util.module_from_spec(spec)  # has __path__, its code not run
+    try:
+        yield
+    finally:
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            del sys.modules[name]
+
+
+def wants_help(argv) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv[: argv.index("--") if "--" in argv else len(argv)])
 
 
 def resolve(command: str):
@@ -83,6 +112,10 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"detris: unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if wants_help(rest):  # argparse prints the help and exits before the command does anything
+        module_name = COMMANDS[command].split(":")[0]
+        with package_without_init(module_name):
+            return resolve(command)(rest) or 0
     return resolve(command)(rest) or 0
 
 

@@ -202,7 +202,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Evaluate a saved DETRIS with the official protocol (every expression, masks at the original image "
                     "size): mIoU / oIoU / Pr@X tables (results.json in fractions, results.md in percent) and grids of "
                     "the best and worst predictions.")
-    parser.add_argument("--model", required=True, help="a saved DETRIS folder (model + processor)")
+    parser.add_argument("--model", required=True,
+                        help="a saved DETRIS folder (model + processor), or a PEFT adapter folder with its processor")
     parser.add_argument("--dataset", required=True, help="a folder written by `detris data ...`, or 'refshapes'")
     parser.add_argument("--splits", default=None,
                         help="comma-separated, e.g. val,testA,testB (default: the dataset's evaluation split, val or validation)")
@@ -226,9 +227,10 @@ def main(argv=None) -> int:
         if value is not None and value < (1 if name != "grid" else 0):
             print(f"detris eval: --{name.replace('_', '-')} must be >= {1 if name != 'grid' else 0}, got {value}", file=sys.stderr)
             return 2
-    if not (Path(args.model) / "config.json").is_file():
+    if not any((Path(args.model) / name).is_file() for name in ("config.json", "adapter_config.json")):
         print(f"detris eval: --model {args.model!r} is not a saved model folder (no config.json); expected a folder "
-              "written by `detris train` (final/ or best/), `detris convert` or save_pretrained", file=sys.stderr)
+              "written by `detris train` (final/ or best/), `detris convert` or save_pretrained, or an adapter folder "
+              "(adapter_config.json)", file=sys.stderr)
         return 2
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     try:
@@ -237,13 +239,18 @@ def main(argv=None) -> int:
         print(f"detris eval: {error}", file=sys.stderr)
         return 2
     import torch
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoProcessor
 
-    import modeling_detris  # noqa: F401
     import processing_detris  # noqa: F401
+    from modeling_detris import DetrisForReferringSegmentation
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    try:  # an adapter folder is loaded over its base (a release's relative ../base found beside it)
+        model = DetrisForReferringSegmentation.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    except OSError as error:
+        print(f"detris eval: {error}", file=sys.stderr)
+        return 2
+    model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     output = args.output or str(Path(args.model) / "eval")
     results = run_evaluation(model, processor, data, splits, output, args.batch_size, args.sentences, args.grid, args.max_samples)

@@ -43,7 +43,12 @@ def load_init_model(cfg: TrainingConfig):
     checkpoint), or a PEFT adapter folder (e.g. one of `detris convert --split-adapters`) loaded over its base and
     built into a standalone model (the head is the adapter's copy; the text length is the adapter's `word_len`).
     Only `adapter_scale` and the dropouts of `model_config` apply: everything else comes from the weights."""
-    from modeling_detris import DetrisAdapterConfig, DetrisForReferringSegmentation, to_standalone_model
+    from modeling_detris import (
+        DetrisAdapterConfig,
+        DetrisForReferringSegmentation,
+        adapter_base_model_path,
+        to_standalone_model,
+    )
 
     source = Path(cfg.init_from)
     other = sorted(set(cfg.model_config) - set(TUNABLE_MODEL_SETTINGS))
@@ -67,7 +72,10 @@ def load_init_model(cfg: TrainingConfig):
     from peft import PeftModel
 
     adapter_config = DetrisAdapterConfig.from_pretrained(str(source))
-    base_path = cfg.model_name_or_path or adapter_config.base_model_name_or_path
+    try:
+        base_path = cfg.model_name_or_path or adapter_base_model_path(source)
+    except OSError as error:
+        raise TrainingSetupError(f"init_from: {error}; or set model_name_or_path to its DETRIS base folder") from error
     if not base_path:
         raise TrainingSetupError(
             f"the adapter folder {cfg.init_from!r} names no base model (base_model_name_or_path); set "
