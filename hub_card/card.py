@@ -24,7 +24,6 @@ from configuration_detris.release import (
     VARIANT_NAMES,
     reported_evaluation,
 )
-from modeling_detris.provenance import public_text_id, public_vision_id
 
 from .folders import is_adapter_folder, looks_like_repo_id, read_text_file
 from .eval_results import METRIC_NAMES, load_eval_results, parse_evaluation, to_model_index
@@ -82,6 +81,8 @@ def detect_variant(config) -> str | None:
 
 def default_base_models(config) -> list[str]:
     """The public checkpoints DETRIS starts from, where the backbone shapes match them."""
+    from modeling_detris.provenance import public_text_id, public_vision_id  # here: `detris card --help` stays light
+
     return [model for model in (public_vision_id(config), public_text_id(config)) if model is not None]
 
 

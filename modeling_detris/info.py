@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from configuration_detris.release import VARIANTS
+from configuration_detris.release import VARIANT_NAMES
 
 # torch, transformers and the model are imported where used, so that `detris info --help` prints at once
 
@@ -166,7 +166,7 @@ def format_counts(counts: ParameterCounts, title: str) -> str:
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="detris info", description="DETRIS parameter counts")
-    parser.add_argument("model", help=f"a preset ({', '.join(VARIANTS)}) or a model folder / Hub id")
+    parser.add_argument("model", help=f"a preset ({', '.join(VARIANT_NAMES)}) or a model folder / Hub id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--sizes", action="store_true",
                         help="print the sizes of the release folders (whole, base, adapter) in fp32 and bf16")
