@@ -1,0 +1,81 @@
+"""Annotation files whose ids or sizes are not integers: refused when the dataset is built, naming the file and the
+record (never a bare `int()` error), and at the command line in one line with exit code 2."""
+
+import json
+import os
+import pickle
+
+import pytest
+
+from training.data import CorruptAnnotationError, build_refer_dataset
+from training.data.cli import main as data_main
+from refer_fixture import make_refer_fixture
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+
+@pytest.fixture
+def fx(tmp_path):
+    return make_refer_fixture(str(tmp_path / "fx"))
+
+
+def _change_instances(fx, change):
+    path = os.path.join(fx["refer_root"], "refcoco", "instances.json")
+    instances = json.load(open(path))
+    change(instances)
+    json.dump(instances, open(path, "w"))
+
+
+def _change_refs(fx, change):
+    path = os.path.join(fx["refer_root"], "refcoco", "refs(unc).p")
+    with open(path, "rb") as handle:
+        refs = pickle.load(handle, encoding="latin1")
+    change(refs)
+    with open(path, "wb") as handle:
+        pickle.dump(refs, handle, protocol=2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i["images"][0].update(id="abc"), r"instances.json: images\[0\]: id is 'abc', expected an integer"),
+    (lambda i: i["annotations"][1].update(id=None), r"instances.json: annotations\[1\]: id is None, expected an integer"),
+    (lambda i: i["categories"][0].update(id="1.5"), r"instances.json: categories\[0\]: id is '1.5', expected an integer"),
+    (lambda i: i["images"][0].pop("id"), r"instances.json: images\[0\] is .*, expected an object with an 'id'"),
+    (lambda i: i.update(images=[5]), r"instances.json: images\[0\] is 5, expected an object with an 'id'"),
+    (lambda i: i["annotations"][0].update(image_id="abc"), r"refcoco ref_id=\d+: annotation \d+'s image_id is 'abc'"),
+])
+def test_non_integer_ids_in_instances_name_the_file_and_record(fx, change, message):
+    _change_instances(fx, change)
+    with pytest.raises(CorruptAnnotationError, match=message):
+        build_refer_dataset(fx["refer_root"], fx["images_root"], "refcoco", "unc", progress=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda refs: refs[0].update(category_id="x"), r"refcoco ref_id=\d+: category_id is 'x', expected an integer"),
+    (lambda refs: refs[0].update(ref_id=True), r"ref_id is 'True', expected an integer"),
+])
+def test_non_integer_ids_in_refs_name_the_ref(fx, change, message):
+    _change_refs(fx, change)
+    with pytest.raises(CorruptAnnotationError, match=message):
+        build_refer_dataset(fx["refer_root"], fx["images_root"], "refcoco", "unc", progress=False)
+
+
+def test_a_non_integer_id_ends_in_one_line_at_the_command_line(fx, tmp_path, capsys):
+    _change_instances(fx, lambda i: i["images"][0].update(id="abc"))
+    output = tmp_path / "out"
+    assert data_main(["refer", "--dataset", "refcoco", "--refer-root", fx["refer_root"], "--images-root",
+                      fx["images_root"], "--output", str(output), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("detris data refer: ")
+    assert "instances.json: images[0]: id is 'abc', expected an integer" in error
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--n-train", "-1"), ("--n-validation", "-3"), ("--n-test", "-2")])
+def test_refshapes_scene_counts_must_not_be_negative(tmp_path, capsys, flag, value):
+    output = tmp_path / "rs"
+    assert data_main(["refshapes", "--output", str(output), flag, value, "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    name = flag[2:].replace("-", "_")
+    assert error == f"detris data refshapes: {name} is {value}, expected a number of scenes >= 0"
+    assert not output.exists()
