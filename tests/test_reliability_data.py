@@ -4,10 +4,12 @@ record (never a bare `int()` error), and at the command line in one line with ex
 import json
 import os
 import pickle
+import struct
+import zlib
 
 import pytest
 
-from training.data import CorruptAnnotationError, build_refer_dataset
+from training.data import CorruptAnnotationError, build_refer_dataset, load_custom_folder
 from training.data.cli import main as data_main
 from refer_fixture import make_refer_fixture
 
@@ -79,3 +81,22 @@ def test_refshapes_scene_counts_must_not_be_negative(tmp_path, capsys, flag, val
     name = flag[2:].replace("-", "_")
     assert error == f"detris data refshapes: {name} is {value}, expected a number of scenes >= 0"
     assert not output.exists()
+
+
+def _header_only_png(path, width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height", [(4000, 3000), (20000, 20000)])
+def test_header_only_pngs_are_refused_when_building(tmp_path, width, height):
+    root = tmp_path / "c"
+    (root / "images").mkdir(parents=True)
+    _header_only_png(root / "images" / "a.png", width, height)
+    line = {"image": "images/a.png", "expressions": ["x"], "polygons": [[0, 0, 10, 0, 10, 10]]}
+    (root / "train.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(CorruptAnnotationError, match=r"a.png: not a readable image"):
+        load_custom_folder(str(root), progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import warnings
 from numbers import Real
 
@@ -80,7 +81,8 @@ def image_header_size(path: str) -> tuple[int, int]:
                 orientation = im.getexif().get(0x0112, 1)
             except Exception:
                 orientation = 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError, EOFError, struct.error,
+            Image.DecompressionBombError) as exc:  # what PIL raises for malformed, header-only or huge files
         raise CorruptAnnotationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     if orientation in (5, 6, 7, 8):
         w, h = h, w
