@@ -100,3 +100,30 @@ def test_header_only_pngs_are_refused_when_building(tmp_path, width, height):
     (root / "train.jsonl").write_text(json.dumps(line) + "\n")
     with pytest.raises(CorruptAnnotationError, match=r"a.png: not a readable image"):
         load_custom_folder(str(root), progress=False)
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_letterbox_cache_never_unpickles(tmp_path):
+    import numpy as np
+
+    from training.data.cache import LetterboxCache, build_letterbox_cache
+    from training.data.refshapes import RefShapesConfig, build_refshapes
+
+    rows = build_refshapes(RefShapesConfig(seed=1, n_train=1, n_validation=0, n_test=0))["train"]
+    cache = tmp_path / "cache"
+    build_letterbox_cache(rows, str(cache), size=56, progress=False)
+    marker = tmp_path / "code-ran"
+    for name in ("ref_ids", "images"):  # .npy files holding pickled objects instead of numbers
+        crafted = np.empty(1, dtype=object)
+        crafted[0] = _RunsCode(str(marker))
+        np.save(cache / f"{name}.npy", crafted, allow_pickle=True)
+        with pytest.raises(ValueError):
+            LetterboxCache(str(cache))
+        assert not marker.exists()
