@@ -36,10 +36,12 @@ def _header_only_png(path, width, height):
                                                   "(no config.json)"),
     (["demo", "--set", "epochs=-1"], "detris demo: epochs must be >= 1, got -1"),
     (["demo", "--set", "colour=red"], "detris demo: unknown training setting(s) ['colour']"),
+    (["reproduce", "--official-dir", "/no/such/folder", "--refer-root", "/r", "--images-root", "/i"],
+     "detris reproduce: --official-dir '/no/such/folder' is not a folder"),
 ])
-def test_mistakes_at_info_provenance_and_demo_end_in_one_line(tmp_path, capsys, argv, message):
+def test_mistakes_at_info_provenance_demo_and_reproduce_end_in_one_line(tmp_path, capsys, argv, message):
     output = tmp_path / "demo"
-    argv = argv + (["--output", str(output)] if argv[0] == "demo" else [])
+    argv = argv + (["--output", str(output)] if argv[0] in ("demo", "reproduce") else [])
     assert cli(argv) == 2
     assert _one_line(capsys, message.split(":")[0]).startswith(message)
     assert not output.exists()
