@@ -221,12 +221,13 @@ def load_config(config_or_path, variant: str = "base", word_len: int | None = No
         config = DetrisConfig.from_dict(config_or_path.to_dict())
     else:
         path = Path(config_or_path)
-        if path.is_dir():
-            config = DetrisConfig.from_pretrained(str(path))
-        elif path.is_file():
-            config = DetrisConfig.from_json_file(str(path))
-        else:
+        if not path.exists():
             raise ValueError(f"--config {str(path)!r} does not exist; expected a DETRIS config.json or a model folder")
+        try:
+            config = DetrisConfig.from_pretrained(str(path)) if path.is_dir() else DetrisConfig.from_json_file(str(path))
+        except (OSError, ValueError) as error:  # not JSON, not UTF-8, no config.json in the folder, a bad value
+            raise ValueError(f"--config {str(path)!r} is not a readable DETRIS config ({' '.join(str(error).split())}); "
+                             "expected a DETRIS config.json or a model folder holding one") from None
     if word_len is not None:
         config.word_len = int(word_len)
     config.adapters_in_model = True

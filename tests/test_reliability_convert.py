@@ -71,3 +71,16 @@ def test_empty_or_random_files_end_in_one_line_naming_the_file(tmp_path, capsys,
         load_official_state_dict(checkpoint)
     assert error.value.__cause__ is None and (error.value.__context__ is None or error.value.__suppress_context__)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_a_config_that_is_not_json_ends_in_one_line_naming_it(tmp_path, capsys, layout):
+    checkpoint = tmp_path / "weights.pth"
+    _small_checkpoint(checkpoint)
+    config = tmp_path / "config.json" if layout == "file" else tmp_path / "model"
+    target = config if layout == "file" else config / "config.json"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text("{not json")
+    assert cli(["convert", "--checkpoint", str(checkpoint), "--config", str(config), "--output", str(tmp_path / "o")]) == 2
+    assert f"--config {str(config)!r} is not a readable DETRIS config" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
