@@ -110,7 +110,7 @@ class _RunsCode:
         return (open, (self.path, "w"))
 
 
-def test_a_letterbox_cache_never_unpickles(tmp_path):
+def test_a_letterbox_cache_never_unpickles_and_names_a_damaged_file(tmp_path):
     import numpy as np
 
     from training.data.cache import LetterboxCache, build_letterbox_cache
@@ -124,6 +124,9 @@ def test_a_letterbox_cache_never_unpickles(tmp_path):
         crafted = np.empty(1, dtype=object)
         crafted[0] = _RunsCode(str(marker))
         np.save(cache / f"{name}.npy", crafted, allow_pickle=True)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"{name}.npy: not a readable cache array"):
             LetterboxCache(str(cache))
         assert not marker.exists()
+    (cache / "meta.json").write_text("{half")
+    with pytest.raises(ValueError, match="meta.json: not a valid UTF-8 JSON file"):
+        LetterboxCache(str(cache))
