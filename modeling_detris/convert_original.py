@@ -70,11 +70,11 @@ def resolve_word_len(checkpoint_path, word_len: int | None = None, dataset: str 
 def load_official_state_dict(path) -> dict[str, torch.Tensor]:
     """Read an official checkpoint safely (`weights_only=True`) and strip the DDP `module.` prefix. A file that is not
     a plain PyTorch checkpoint of tensors (another format, truncated, or pickling code) is refused with a `ValueError`."""
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes); expected an official DETRIS .pth file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise ValueError(f"{path} is empty (0 bytes); expected an official DETRIS .pth file") from None
         reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
         # `from None`: torch's own message suggests weights_only=False, which would run any code in the file
         raise ValueError(
