@@ -85,10 +85,14 @@ def load_official_state_dict(path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise ValueError(f"{path} is empty (0 bytes); expected an official DETRIS .pth file") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        # `from None`: torch's own message suggests weights_only=False, which would run any code in the file
         raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint of tensors ({type(error).__name__}); expected an official "
+            f"{path} is not a readable PyTorch checkpoint of tensors ({reason}); expected an official "
             "DETRIS .pth file (read with weights_only=True: files that pickle code are refused)"
-        ) from error
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -231,12 +235,13 @@ def load_config(config_or_path, variant: str = "base", word_len: int | None = No
         config = DetrisConfig.from_dict(config_or_path.to_dict())
     else:
         path = Path(config_or_path)
-        if path.is_dir():
-            config = DetrisConfig.from_pretrained(str(path))
-        elif path.is_file():
-            config = DetrisConfig.from_json_file(str(path))
-        else:
+        if not path.exists():
             raise ValueError(f"--config {str(path)!r} does not exist; expected a DETRIS config.json or a model folder")
+        try:
+            config = DetrisConfig.from_pretrained(str(path)) if path.is_dir() else DetrisConfig.from_json_file(str(path))
+        except (OSError, ValueError) as error:  # not JSON, not UTF-8, no config.json in the folder, a bad value
+            raise ValueError(f"--config {str(path)!r} is not a readable DETRIS config ({' '.join(str(error).split())}); "
+                             "expected a DETRIS config.json or a model folder holding one") from None
     if word_len is not None:
         config.word_len = int(word_len)
     config.adapters_in_model = True
@@ -301,20 +306,39 @@ def _per_checkpoint(name: str, values, checkpoints) -> list:
     return list(values)
 
 
-def plan_checkpoints(checkpoints, word_lens=None, datasets=None, default_word_len: int | None = None) -> list[dict]:
+def check_sha256(path, expected: str) -> str:
+    """The file's SHA-256 (hex); a `ValueError` naming both digests when it is not `expected` (a corrupt, truncated
+    or different file), or when `expected` is not a SHA-256 hex digest."""
+    from .provenance import file_sha256
+
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", expected or ""):
+        raise ValueError(f"--sha256 {expected!r} is not a SHA-256 digest; expected 64 hexadecimal characters")
+    digest = file_sha256(path)
+    if digest != expected.lower():
+        raise ValueError(f"{path}: SHA-256 is {digest}, expected {expected.lower()} (--sha256); the file is corrupt "
+                         "or not the published checkpoint")
+    return digest
+
+
+def plan_checkpoints(checkpoints, word_lens=None, datasets=None, default_word_len: int | None = None,
+                     sha256s=None) -> list[dict]:
     """Per checkpoint: its dataset (given, else from the official file name), `word_len` and where it came from,
-    and the adapter folder name (named after the dataset, else the file name)."""
+    and the adapter folder name (named after the dataset, else the file name). With `sha256s` (one per checkpoint)
+    each file's SHA-256 is checked before anything is loaded."""
     plans = []
-    for path, word_len, dataset in zip(
-        checkpoints, _per_checkpoint("--word-len", word_lens, checkpoints), _per_checkpoint("--dataset", datasets, checkpoints)
+    for path, word_len, dataset, sha256 in zip(
+        checkpoints, _per_checkpoint("--word-len", word_lens, checkpoints), _per_checkpoint("--dataset", datasets, checkpoints),
+        _per_checkpoint("--sha256", sha256s, checkpoints),
     ):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--checkpoint {str(path)!r} does not exist; expected an official DETRIS .pth file")
+        digest = check_sha256(path, sha256) if sha256 is not None else None
         key = canonical_dataset(dataset) if dataset is not None else dataset_from_checkpoint_name(path)
         value, origin = resolve_word_len(path, word_len, dataset, default_word_len)
         folder = DATASET_FOLDER_NAMES.get(key) or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-") or "adapter"
-        plans.append({"path": path, "dataset": key, "word_len": value, "word_len_origin": origin, "folder": folder})
+        plans.append({"path": path, "dataset": key, "word_len": value, "word_len_origin": origin, "folder": folder,
+                      "sha256": digest})
     seen = {}
     for plan in plans:
         if plan["folder"] in seen:
@@ -334,7 +358,7 @@ def _source_record(plan: dict, variant: str | None) -> dict:
     path = plan["path"]
     return {
         "file": path.name,
-        "sha256": file_sha256(path),
+        "sha256": plan.get("sha256") or file_sha256(path),
         "bytes": path.stat().st_size,
         "variant": variant,
         "dataset": plan["dataset"],
@@ -366,12 +390,13 @@ def check_output(output, checkpoints, overwrite: bool = False) -> None:
 
 
 def convert_release(checkpoints, output, variant: str = "base", config=None, word_lens=None, datasets=None,
-                    save_extras=None, log=print, overwrite: bool = False) -> dict:
+                    save_extras=None, log=print, overwrite: bool = False, sha256s=None) -> dict:
     """Split official checkpoints that share their frozen backbones into `output/base` (backbones + the first
     checkpoint's head, `adapters_in_model=False`, with `backbone_provenance.json`) and one PEFT adapter folder per
     checkpoint, `output/<dataset>` (adapters + head, its processor with its own `word_len`, `conversion.json`).
     Refuses, naming the tensors, when a checkpoint's frozen tensors are not bit-identical to the first one's.
-    Written atomically; an existing non-empty `output` is replaced only with `overwrite`. Returns
+    Written atomically; an existing non-empty `output` is replaced only with `overwrite`; `sha256s` (one per
+    checkpoint) are checked before anything is loaded. Returns
     {"base": path, "adapters": {folder: path}}."""
     from .peft_detris import split_standalone_model
     from .provenance import PROVENANCE_FILE, make_provenance
@@ -379,7 +404,7 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
     output = Path(output)
     check_output(output, checkpoints, overwrite)
     default_word_len = load_config(config, variant).word_len if config is not None else None
-    plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len)
+    plans = plan_checkpoints(checkpoints, word_lens, datasets, default_word_len, sha256s)
     staging = new_staging(output)
     try:
         reference, sources, standalone = None, [], None
@@ -437,14 +462,16 @@ def convert_release(checkpoints, output, variant: str = "base", config=None, wor
 
 
 def convert_whole(checkpoint, output, variant: str = "base", config=None, word_len=None, dataset=None,
-                  save_extras=None, log=print, overwrite: bool = False) -> Path:
+                  save_extras=None, log=print, overwrite: bool = False, sha256: str | None = None) -> Path:
     """Convert one checkpoint into one whole model folder (config, weights, `conversion.json`; the processor through
-    `save_extras`), written atomically; an existing non-empty `output` is replaced only with `overwrite`."""
+    `save_extras`), written atomically; an existing non-empty `output` is replaced only with `overwrite`; `sha256`
+    (when given) is checked before the file is loaded."""
     output = Path(output)
     check_output(output, [checkpoint], overwrite)
     default_word_len = load_config(config, variant).word_len if config is not None else None
     (plan,) = plan_checkpoints([checkpoint], [word_len] if word_len is not None else None,
-                               [dataset] if dataset is not None else None, default_word_len)
+                               [dataset] if dataset is not None else None, default_word_len,
+                               [sha256] if sha256 is not None else None)
     log(f"converting {checkpoint} as DETRIS-{variant if config is None else 'custom'} with {plan['word_len_origin']}")
     model = convert_checkpoint(checkpoint, variant, plan["word_len"], config)
     staging = new_staging(output)
@@ -474,6 +501,9 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
                         help="text length (17, or 22 for G-Ref umd); once per --checkpoint")
     parser.add_argument("--dataset", action="append", default=None,
                         help=f"dataset the checkpoint was trained on, once per --checkpoint: {sorted(WORD_LEN)}")
+    parser.add_argument("--sha256", action="append", default=None,
+                        help="expected SHA-256 of the checkpoint, once per --checkpoint: a file that differs is refused "
+                             "before it is loaded")
     parser.add_argument("--split-adapters", action="store_true",
                         help="write OUTPUT/base (frozen backbones) + one PEFT adapter folder per checkpoint")
     return parser
@@ -497,7 +527,7 @@ def run(args: argparse.Namespace, save_extras=None) -> int:
     log = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731  (keeps the progress bar below)
     if args.split_adapters:
         convert_release(args.checkpoint, args.output, args.variant, args.config, args.word_len, args.dataset,
-                        save_extras=save_extras, log=log, overwrite=args.overwrite)
+                        save_extras=save_extras, log=log, overwrite=args.overwrite, sha256s=args.sha256)
         return 0
     if len(args.checkpoint) > 1:
         raise ValueError(
@@ -506,8 +536,9 @@ def run(args: argparse.Namespace, save_extras=None) -> int:
         )
     word_lens = _per_checkpoint("--word-len", args.word_len, args.checkpoint)
     datasets = _per_checkpoint("--dataset", args.dataset, args.checkpoint)
+    sha256s = _per_checkpoint("--sha256", args.sha256, args.checkpoint)
     convert_whole(args.checkpoint[0], args.output, args.variant, args.config, word_lens[0], datasets[0],
-                  save_extras=save_extras, log=log, overwrite=args.overwrite)
+                  save_extras=save_extras, log=log, overwrite=args.overwrite, sha256=sha256s[0])
     return 0
 
 

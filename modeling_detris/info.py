@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from configuration_detris.release import VARIANT_NAMES
 
@@ -137,6 +139,9 @@ def load_for_counting(model_or_preset: str):
         config = DetrisConfig.from_preset(model_or_preset)
         with torch.device("meta"):
             return DetrisForReferringSegmentation(config)
+    if not Path(model_or_preset).is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", model_or_preset):
+        raise ValueError(f"{model_or_preset!r} is neither a preset ({', '.join(PRESETS)}) nor a model folder; "
+                         "expected a preset, a saved DETRIS model folder or a Hub id ORG/NAME")
     return DetrisForReferringSegmentation.from_pretrained(model_or_preset)
 
 
@@ -175,7 +180,11 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
-    model = load_for_counting(args.model)
+    try:
+        model = load_for_counting(args.model)
+    except (ValueError, OSError) as error:  # not a preset, folder or reachable repository: one line, exit code 2
+        print(f"detris info: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     if args.sizes:
         print(format_sizes(model))
         return 0

@@ -163,6 +163,9 @@ def compare_with_public(base_dir, vision: str | None = None, text: str | None = 
     from .modeling_detris import DetrisForReferringSegmentation
 
     base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise ValueError(f"--base {str(base_dir)!r} is not a model folder (no config.json); expected a DETRIS folder such "
+                         "as the base written by `detris convert --split-adapters`")
     model = DetrisForReferringSegmentation.from_pretrained(str(base_dir))
     ours = backbone_tensors(model)
     references = {"vision": vision or public_vision_id(model.config), "text": text or public_text_id(model.config)}
@@ -201,7 +204,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
-    results = compare_with_public(args.base, args.vision, args.text, write=not args.no_write)
+    try:
+        results = compare_with_public(args.base, args.vision, args.text, write=not args.no_write)
+    except (ValueError, OSError) as error:  # a bad folder or an unreachable reference: one line, exit code 2
+        print(f"detris provenance: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     for role, result in results.items():
         verdict = "bit-identical" if result["equal"] else "DIFFERENT"
         print(

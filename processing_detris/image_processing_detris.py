@@ -194,7 +194,10 @@ def _decode_bytes(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{name} is corrupt or not an image ({error}); expected a PNG, JPEG, WebP, BMP, TIFF or "
                          "GIF file.") from error
-    _check_size(height, width, max_pixels)
+    try:
+        _check_size(height, width, max_pixels)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     if not convert_rgb and mode != "RGB":
         _refuse_conversion(f"{name} has mode {mode!r}")
     decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)

@@ -150,6 +150,13 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of training/recipes/refshapes-demo.yaml (e.g. epochs=2)")
     args = parser.parse_args(argv)
+    from training.recipes import load_training_config
+
+    try:  # a bad --set is a user mistake: one line, exit code 2, before anything is generated or written
+        load_training_config("refshapes-demo", [f"output_dir={Path(args.output) / 'run'}", *args.set])
+    except ValueError as error:
+        print(f"detris demo: {error}", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -210,9 +210,9 @@ def reproduce(official_dir, refer_root, images_root, output, device=None, dtype=
     import torch
 
     output = Path(output)
+    checkpoints = find_checkpoints(official_dir, log)  # before anything is written
     output.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoints = find_checkpoints(official_dir, log)
     log("found " + ", ".join(f"{c['path'].name} (DETRIS-{c['variant']}, {c['dataset']})" for c in checkpoints))
     datasets = {}
     for dataset in dict.fromkeys(d for c in checkpoints for d in c["evaluated_on"]):
@@ -272,9 +272,13 @@ def main(argv=None) -> int:
         print(f"detris reproduce: --tolerance must be a finite number >= 0, got {args.tolerance}", file=sys.stderr)
         return 2
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    report = reproduce(args.official_dir, args.refer_root, args.images_root, args.output, args.device, args.dtype,
-                       args.batch_size, args.max_samples, args.grid, args.config, args.overwrite, args.tolerance,
-                       progress=not args.no_progress, log=log)
+    try:
+        report = reproduce(args.official_dir, args.refer_root, args.images_root, args.output, args.device, args.dtype,
+                           args.batch_size, args.max_samples, args.grid, args.config, args.overwrite, args.tolerance,
+                           progress=not args.no_progress, log=log)
+    except (ValueError, FileNotFoundError) as error:  # a missing folder, a checkpoint or annotation that does not fit
+        print(f"detris reproduce: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     print((Path(args.output) / "reproduction.md").read_text())
     measured = [c for c in report["cells"] if c["pass"] is not None]
     print(f"RESULT cells_within_{args.tolerance:g}={sum(c['pass'] for c in measured)}/{len(measured)}")

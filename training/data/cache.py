@@ -36,6 +36,7 @@ from processing_detris import get_letterbox_affine, letterbox_image, letterbox_m
 from configuration_detris.folders import atomic_folder
 
 from .masks import decode_rle
+from .rows import read_json
 from .sentences import sentence_index
 
 __all__ = ["build_letterbox_cache", "LetterboxCache", "DeviceNormalizer", "normalization_lut"]
@@ -222,11 +223,18 @@ class LetterboxCache(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_dir: str, *, train: bool = True, seed: int = 0):
-        with open(os.path.join(cache_dir, "meta.json")) as fh:
-            self.meta = json.load(fh)
-        if self.meta.get("version") != CACHE_VERSION:
-            raise ValueError(f"{cache_dir}: cache version {self.meta.get('version')}, expected {CACHE_VERSION}; rebuild it")
-        load = lambda name: np.load(os.path.join(cache_dir, f"{name}.npy"), mmap_mode="r")  # noqa: E731
+        self.meta = read_json(os.path.join(cache_dir, "meta.json"))
+        if not isinstance(self.meta, dict) or self.meta.get("version") != CACHE_VERSION:
+            version = self.meta.get("version") if isinstance(self.meta, dict) else None
+            raise ValueError(f"{cache_dir}: cache version {version}, expected {CACHE_VERSION}; rebuild it")
+
+        def load(name):  # memory-mapped, never unpickled; a damaged file is named
+            path = os.path.join(cache_dir, f"{name}.npy")
+            try:
+                return np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as error:
+                raise ValueError(f"{path}: not a readable cache array ({error}); rebuild the cache "
+                                 "(detris data cache --overwrite)") from None
         self.images = load("images")
         self.row_image = np.asarray(load("row_image"))
         self.mask_data = load("mask_data")
@@ -235,8 +243,7 @@ class LetterboxCache(torch.utils.data.Dataset):
         self.original_sizes = np.asarray(load("original_sizes"))
         self.inverse_affine = np.asarray(load("inverse_affine"))
         self.ref_ids = np.asarray(load("ref_ids"))
-        ids_path = os.path.join(cache_dir, "input_ids.npy")
-        self.input_ids = np.load(ids_path, mmap_mode="r") if os.path.exists(ids_path) else None
+        self.input_ids = load("input_ids") if os.path.exists(os.path.join(cache_dir, "input_ids.npy")) else None
         self.size = int(self.meta["size"])
         self.train = train
         self.seed = seed

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from configuration_detris.release import HUB_REFER_REPOS, HUB_REFER_SPLIT_BY
 
-from .rows import RowBuilder, check_split_sizes, rows_to_datasetdict
+from .rows import RowBuilder, annotation_int, check_split_sizes, rows_to_datasetdict
 from .schema import COCO_CATEGORIES, CorruptAnnotationError
 
 __all__ = ["load_refer_from_hub", "convert_hub_refer"]
@@ -76,7 +76,7 @@ def convert_hub_refer(
             if "segmentation" not in ann:
                 raise CorruptAnnotationError(f"{label} (ann_id={r.get('ann_id')}): raw_anns has no 'segmentation'")
             file_name = info.get("file_name") or os.path.basename(r.get("image_path") or "")
-            cat_id = int(r.get("category_id", ann.get("category_id", -1)))
+            cat_id = annotation_int(r.get("category_id", ann.get("category_id", -1)), "category_id", label)
             split = r.get("split") or ("val" if hub_split == "validation" else hub_split)
             row = builder(
                 split=split,

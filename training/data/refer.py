@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from configuration_detris.release import DEFAULT_SPLIT_BY, MIXED_DATASETS, REFER_SOURCE, REFER_SPLIT_BY
 
-from .rows import RowBuilder, check_split_sizes, read_json, rows_to_datasetdict
+from .rows import RowBuilder, annotation_int, check_split_sizes, read_json, rows_to_datasetdict
 from .safe_pickle import load_data_pickle
 from .schema import CorruptAnnotationError
 
@@ -67,6 +67,19 @@ def load_refer_files(refer_root: str, dataset: str, split_by: str, refs_sha256: 
     return refs, instances
 
 
+def _by_id(instances: dict, key: str, path: str) -> dict:
+    """`instances[key]` (a list of COCO records) indexed by their integer `id`; a bad record names the file and index."""
+    records = instances.get(key, [])
+    if not isinstance(records, list):
+        raise CorruptAnnotationError(f"{path}: {key} is a {type(records).__name__}, expected a list")
+    indexed = {}
+    for k, record in enumerate(records):
+        if not isinstance(record, dict) or "id" not in record:
+            raise CorruptAnnotationError(f"{path}: {key}[{k}] is {record!r:.80}, expected an object with an 'id'")
+        indexed[annotation_int(record["id"], "id", f"{path}: {key}[{k}]")] = record
+    return indexed
+
+
 def build_refer_dataset(
     refer_root: str,
     images_root: str,
@@ -95,9 +108,10 @@ def build_refer_dataset(
     split_by = split_by or DEFAULT_SPLIT_BY.get(dataset, "")
     _check_dataset(dataset, split_by)
     refs, instances = load_refer_files(refer_root, dataset, split_by, refs_sha256)
-    images = {int(im["id"]): im for im in instances["images"]}
-    anns = {int(a["id"]): a for a in instances["annotations"]}
-    cats = {int(c["id"]): c.get("name", "") for c in instances.get("categories", [])}
+    inst_path = os.path.join(refer_root, dataset, "instances.json")
+    images = _by_id(instances, "images", inst_path)
+    anns = _by_id(instances, "annotations", inst_path)
+    cats = {cat_id: c.get("name", "") for cat_id, c in _by_id(instances, "categories", inst_path).items()}
     builder = RowBuilder(dataset, image_mode=image_mode, check_images=check_images, root=images_root)
     split_rows: "OrderedDict[str, list]" = OrderedDict()
     for i, ref in enumerate(tqdm(refs, desc=f"{dataset}({split_by}) refs", disable=not progress, unit="ref")):
@@ -107,17 +121,14 @@ def build_refer_dataset(
         label = f"{dataset} ref_id={ref.get('ref_id', f'#{i}')}"
         if missing:
             raise CorruptAnnotationError(f"{label}: missing key(s) {missing}, expected {list(_REQUIRED_REF_KEYS)}")
-        try:
-            ref_id, ann_id, image_id = int(ref["ref_id"]), int(ref["ann_id"]), int(ref["image_id"])
-        except (TypeError, ValueError) as exc:
-            raise CorruptAnnotationError(f"{label}: ref_id/ann_id/image_id are not integers ({exc})") from exc
+        ref_id, ann_id, image_id = (annotation_int(ref[key], key, label) for key in ("ref_id", "ann_id", "image_id"))
         ann = anns.get(ann_id)
         if ann is None:
             raise CorruptAnnotationError(f"{label}: ann_id={ann_id} is not in instances.json")
         img = images.get(image_id)
         if img is None:
             raise CorruptAnnotationError(f"{label}: image_id={image_id} is not in instances.json")
-        if int(ann.get("image_id", image_id)) != image_id:
+        if annotation_int(ann.get("image_id", image_id), f"annotation {ann_id}'s image_id", label) != image_id:
             raise CorruptAnnotationError(
                 f"{label}: annotation {ann_id} belongs to image {ann.get('image_id')}, expected image_id={image_id}"
             )
@@ -137,7 +148,7 @@ def build_refer_dataset(
                 raise CorruptAnnotationError(f"{label}: sentence {j} has neither 'sent' nor 'raw'")
             texts.append(text)
             sent_ids.append(sid)
-        cat_id = int(ref.get("category_id", ann.get("category_id", -1)))
+        cat_id = annotation_int(ref.get("category_id", ann.get("category_id", -1)), "category_id", label)
         file_name = img.get("file_name")
         if not file_name:
             raise CorruptAnnotationError(f"{label}: image_id={image_id} has no file_name in instances.json")

@@ -91,6 +91,9 @@ class RefShapesConfig:
             raise ValueError(f"image_size is {self.image_size}, expected >= 32")
         if not 1 <= self.min_shapes <= self.max_shapes:
             raise ValueError(f"min_shapes/max_shapes are {self.min_shapes}/{self.max_shapes}, expected 1 <= min <= max")
+        for name in ("n_train", "n_validation", "n_test"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is {getattr(self, name)}, expected a number of scenes >= 0")
         if self.held_out is None:
             self.held_out = held_out_combinations(self.seed)
         self.held_out = tuple(tuple(p) for p in self.held_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import warnings
 from numbers import Real
 
@@ -32,6 +33,17 @@ class SplitSizeWarning(UserWarning):
 # Largest image a dataset may reference (height x width); COCO images are at most 640 x 640. Bigger annotations are
 # refused when the dataset is built, before a collator could try to allocate them.
 MAX_IMAGE_PIXELS = 40_000_000
+
+
+def annotation_int(value, what: str, label: str) -> int:
+    """`int(value)` for an id or size read from an annotation file; anything else raises CorruptAnnotationError
+    naming `label` (the file and record) and `what`."""
+    if isinstance(value, bool):
+        value = repr(value)  # True / False are no ids
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptAnnotationError(f"{label}: {what} is {value!r}, expected an integer") from None
 
 
 def read_json(path: str):
@@ -67,7 +79,8 @@ def image_header_size(path: str) -> tuple[int, int]:
                 orientation = im.getexif().get(0x0112, 1)
             except Exception:
                 orientation = 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError, EOFError, struct.error,
+            Image.DecompressionBombError) as exc:  # what PIL raises for malformed, header-only or huge files
         raise CorruptAnnotationError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     if orientation in (5, 6, 7, 8):
         w, h = h, w
@@ -147,6 +160,8 @@ class RowBuilder:
         extra: dict | None = None,
     ) -> dict:
         label = _ref_label(self.dataset, ref_id, ann_id)
+        ref_id, ann_id, image_id, category_id = (annotation_int(value, what, label) for value, what in (
+            (ref_id, "ref_id"), (ann_id, "ann_id"), (image_id, "image_id"), (category_id, "category_id")))
         try:
             height, width = int(height), int(width)
         except (TypeError, ValueError) as exc:
@@ -156,16 +171,19 @@ class RowBuilder:
         if height * width > MAX_IMAGE_PIXELS:
             raise CorruptAnnotationError(f"{label}: image size {height}x{width} is over the limit of "
                                          f"{MAX_IMAGE_PIXELS:,} pixels; expected a real image size")
-        if int(ref_id) in self._ref_ids:
+        if ref_id in self._ref_ids:
             raise CorruptAnnotationError(f"{label}: ref_id {ref_id} appears twice; expected unique ref_ids")
-        self._ref_ids.add(int(ref_id))
+        self._ref_ids.add(ref_id)
         if not isinstance(sentences, (list, tuple)) or not sentences:
             raise CorruptAnnotationError(f"{label}: sentences is {sentences!r}, expected a non-empty list of strings")
         try:
             sentences = [_fix_text(s) for s in sentences]
         except TypeError as exc:
             raise CorruptAnnotationError(f"{label}: a sentence has type {exc}, expected str") from exc
-        sent_ids = [int(i) for i in sent_ids] if sent_ids is not None else list(range(len(sentences)))
+        if sent_ids is not None and not isinstance(sent_ids, (list, tuple)):
+            raise CorruptAnnotationError(f"{label}: sent_ids is {sent_ids!r}, expected a list of integers")
+        sent_ids = [annotation_int(i, "a sent_id", label) for i in sent_ids] if sent_ids is not None else \
+            list(range(len(sentences)))
         if len(sent_ids) != len(sentences):
             raise CorruptAnnotationError(
                 f"{label}: {len(sent_ids)} sent_ids for {len(sentences)} sentences, expected equal lengths"
