@@ -40,10 +40,11 @@ def test_short_demo_writes_everything_and_prints_the_result_line(tmp_path, capsy
     assert (output / "adapter" / "adapter_model.safetensors").stat().st_size < (output / "model" / "model.safetensors").stat().st_size
 
 
-def test_the_demo_learns_the_same_weights_from_its_letterbox_cache(tmp_path, one_thread):
+def test_the_demo_learns_the_same_weights_from_its_cache_and_channels_last(tmp_path, one_thread):
     """The demo trains from a uint8 letterbox cache of the training split (decoding, letterbox, mask warp and
-    tokenisation once, not every epoch): over two epochs (new sentences drawn in the second), the weights equal,
-    bit for bit, those of the same recipe reading the rows through the processor."""
+    tokenisation once, not every epoch) with channels-last convolutions: over two epochs (new sentences drawn in the
+    second), the weights equal, bit for bit, those of the same recipe reading the rows through the processor with
+    contiguous convolutions."""
     from safetensors.torch import load_file
 
     from training.data import RefShapesConfig, build_refshapes
@@ -53,12 +54,13 @@ def test_the_demo_learns_the_same_weights_from_its_letterbox_cache(tmp_path, one
 
     overrides = ["epochs=2", "milestones=[1]", "eval_split=null", "log_with=null", "refshapes.n_train=12",
                  "refshapes.n_validation=2", "refshapes.n_test=2"]
-    base = load_training_config("refshapes-demo", overrides + [f"output_dir={tmp_path / 'plain'}"])
+    base = load_training_config("refshapes-demo", overrides + [f"output_dir={tmp_path / 'plain'}", "channels_last=false"])
     data = build_refshapes(RefShapesConfig(**base.refshapes))
     assert any(len(row["sentences"]) > 1 for row in data["train"])  # the sentence drawn per epoch matters
     cache = build_train_cache(base, data["train"], tmp_path / "cache")
     cached = load_training_config("refshapes-demo", overrides + [f"output_dir={tmp_path / 'cached'}",
                                                                  f"letterbox_cache={cache}"])
+    assert cached.channels_last and not base.channels_last
     finals = []
     for cfg in (base, cached):
         train(cfg, datasets=data)
@@ -67,3 +69,9 @@ def test_the_demo_learns_the_same_weights_from_its_letterbox_cache(tmp_path, one
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:
         torch.testing.assert_close(finals[1][key], finals[0][key], rtol=0, atol=0, msg=key)
+    # transformers.Trainer reads the same recipe setting
+    from training.hf_trainer import build_trainer, trainer_arguments
+
+    trainer = build_trainer(cached, trainer_arguments(cached, use_cpu=True), datasets=data)
+    convolutions = [p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
