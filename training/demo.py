@@ -120,7 +120,8 @@ def run_demo(output: Path, overrides: list[str]) -> dict:
     print(f"[demo] text-blind baseline on test ({baseline['best']}): mIoU {baseline_miou:.3f}", file=sys.stderr)
 
     cache = None
-    if not cfg.letterbox_cache:
+    # (the cache is tokenised for the recipe's own architecture; a model loaded from a folder reads the rows instead)
+    if not cfg.letterbox_cache and cfg.model_name_or_path is None and cfg.init_from is None:
         print("[demo] building the letterbox cache of the training split ...", file=sys.stderr)
         cache = build_train_cache(cfg, data[cfg.train_split], output / "train_cache")
         cfg.letterbox_cache = str(cache)
