@@ -70,6 +70,7 @@ def predict(model, images, texts, output, threshold=None, device=None, log=print
     pipe = model if not isinstance(model, (str, os.PathLike)) else load_pipeline(str(model), device, trust_remote_code)
     if fast_cpu is not None and pipe.device.type == "cpu":
         pipe.model = optimize_for_cpu(pipe.model, fast_cpu)
+        log(f"fast CPU path: {pipe.model.cpu_inference_mode}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     records, used = [], set()

@@ -54,17 +54,13 @@ def test_predict_fast_cpu_masks_agree_with_fp32(tiny, tmp_path, mode):
     assert any(mask.any() for mask in fp32)  # a comparison of masks that are not all empty
 
 
-def test_predict_fast_cpu_without_a_mode_is_auto(tiny, tmp_path, monkeypatch):
-    from hub_card import predict as predict_module
-
-    seen = []
-    real = predict_module.predict
-    monkeypatch.setattr(predict_module, "predict", lambda *args, **kwargs: seen.append(kwargs["fast_cpu"]) or real(*args, **kwargs))
+def test_predict_fast_cpu_without_a_mode_is_auto(tiny, tmp_path, capsys):
     root, model, image = tiny
-    argv = ["--model", str(model), "--image", str(image), "--output", str(tmp_path / "out"), "--text", "the box"]
-    assert predict_module.main(argv + ["--fast-cpu"]) == 0
-    assert predict_module.main(argv) == 0
-    assert seen == ["auto", None]
+    argv = ["predict", "--model", str(model), "--image", str(image), "--output", str(tmp_path / "out"), "--text", "the box"]
+    assert cli(argv + ["--fast-cpu"]) == 0
+    assert f"fast CPU path: {cpu_fast_path()}\n" in capsys.readouterr().err
+    assert cli(argv) == 0
+    assert "fast CPU path" not in capsys.readouterr().err
 
 
 def test_fast_cpu_refuses_an_unknown_mode(tiny, tmp_path, capsys):
