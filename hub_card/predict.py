@@ -8,6 +8,8 @@ For every image and every expression it writes into OUT:
 
 and `predictions.json` listing image, expression, score, mask area and the two files. `k` is the expression's index
 (00, 01, ...). All expressions of an image run as one batch (the `referring-image-segmentation` pipeline).
+`--fast-cpu [auto|bf16|int8]` runs the model on the CPU through `modeling_detris.optimize_for_cpu` (`auto` when no
+mode is given).
 """
 
 import argparse
@@ -61,9 +63,11 @@ def _adapter_pipeline(folder: str, device=None):
 
 
 def predict(model, images, texts, output, threshold=None, device=None, log=print,
-            trust_remote_code: bool = False) -> list[dict]:
+            trust_remote_code: bool = False, fast_cpu: str | None = None) -> list[dict]:
     """Run the pipeline on every (image, expression) and write the files; returns the records. The model is loaded
-    with detris-hf's classes; a folder's own code runs only with `trust_remote_code`."""
+    with detris-hf's classes; a folder's own code runs only with `trust_remote_code`. `fast_cpu`: a mode of
+    `optimize_for_cpu` applied to a model on the CPU (None: as loaded)."""
+    from modeling_detris.quantization_detris import CPU_MODES, optimize_for_cpu
     from processing_detris import DEFAULT_MAX_IMAGE_PIXELS, draw_referring_overlay, to_rgb_uint8
 
     images = [Path(p) for p in images]
@@ -75,9 +79,14 @@ def predict(model, images, texts, output, threshold=None, device=None, log=print
     for text in texts:
         if not text.strip():
             raise ValueError(f"--text {text!r} is empty; expected a referring expression such as 'the dog'")
+    if fast_cpu is not None and fast_cpu not in CPU_MODES:
+        raise ValueError(f"--fast-cpu {fast_cpu!r} is not one of {list(CPU_MODES)}")
     if isinstance(model, (str, os.PathLike)) and not Path(model).is_dir() and str(model).count("/") != 1:
         raise ValueError(f"--model {str(model)!r} is not a folder; expected a DETRIS model folder or a Hub id ORG/NAME")
     pipe = model if not isinstance(model, (str, os.PathLike)) else load_pipeline(str(model), device, trust_remote_code)
+    if fast_cpu is not None and pipe.device.type == "cpu":
+        pipe.model = optimize_for_cpu(pipe.model, fast_cpu)
+        log(f"fast CPU path: {pipe.model.cpu_inference_mode}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     records, used = [], set()
@@ -119,10 +128,14 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model folder's or repository's own Python code (needed for a model whose code "
                              "detris-hf does not have)")
+    parser.add_argument("--fast-cpu", nargs="?", const="auto", default=None, metavar="MODE",
+                        help="auto, bf16, int8 or fp32: on the CPU, run the model in bf16 or int8 (auto when no mode is given: the fast path "
+                             "this CPU has, else fp32)")
     args = parser.parse_args(argv)
     try:
         predict(args.model, args.image, args.text, args.output, args.threshold, args.device,
-                log=lambda message: print(message, file=sys.stderr), trust_remote_code=args.trust_remote_code)
+                log=lambda message: print(message, file=sys.stderr), trust_remote_code=args.trust_remote_code,
+                fast_cpu=args.fast_cpu)
     except ValueError as error:
         print(f"detris predict: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ written so that they can be copied as they are:
 | `tokenization_detris.py`     | `processing_detris/tokenization_detris.py`     | `configuration_detris`, sibling role files |
 | `processing_detris.py`       | `processing_detris/processing_detris.py`       | `configuration_detris`, sibling role files |
 | `pipeline_detris.py`         | `hub_card/pipeline.py`                         | nothing                                   |
+| `quantization_detris.py`     | `modeling_detris/quantization_detris.py`       | nothing (the fast CPU path; torch only)   |
 
 The only change made while copying: `from configuration_detris import X` and
 `from configuration_detris.configuration_detris import X` become `from .configuration_detris import X` (and
@@ -58,7 +59,9 @@ ROLE_FILES = (
     RoleFile("processing_detris", "processing_detris", "processing_detris"),
 )
 PIPELINE_FILE = RoleFile("pipeline_detris", "hub_card", "pipeline")
-HUB_FILES = ROLE_FILES + (PIPELINE_FILE,)
+# `optimize_for_cpu`, loaded by the Space's app from the exported folder (`get_class_from_dynamic_module`)
+QUANTIZATION_FILE = RoleFile("quantization_detris", "modeling_detris", "quantization_detris")
+HUB_FILES = ROLE_FILES + (PIPELINE_FILE, QUANTIZATION_FILE)
 
 # absolute imports of ours that a role file may use -> the shipped file they become a sibling import of
 SIBLING_REWRITES = {
@@ -212,5 +215,5 @@ def write_remote_code(output_dir, files=HUB_FILES) -> list[str]:
     return written
 
 
-__all__ = ["HUB_FILES", "PIPELINE_FILE", "ROLE_FILES", "RemoteCodeError", "RoleFile", "copy_role_source",
+__all__ = ["HUB_FILES", "PIPELINE_FILE", "QUANTIZATION_FILE", "ROLE_FILES", "RemoteCodeError", "RoleFile", "copy_role_source",
            "write_remote_code"]

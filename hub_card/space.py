@@ -2,7 +2,9 @@
 
 ```bash
 detris space --model DIR_OR_REPO --output SPACEDIR [--model-repo-id ORG/NAME] [--title T] [--overwrite]
+             [--fast-cpu auto|bf16|int8|fp32]
 detris app --model DIR_OR_REPO [--port 7860] [--host 127.0.0.1] [--device cuda] [--trust-remote-code]
+           [--fast-cpu [auto|bf16|int8]]
 ```
 
 SPACEDIR gets:
@@ -12,7 +14,9 @@ SPACEDIR gets:
 - `requirements.txt`: the app's runtime packages pinned to the versions installed here (no detris-hf);
 - `README.md`: the Space card, with the YAML header (`title`, `sdk: gradio`, `sdk_version`, `app_file`,
   `models`, `license`) and the licences of the example images;
-- `space_config.json`: which model the app loads, title, limits;
+- `space_config.json`: which model the app loads, title, limits, and `fast_cpu`: the CPU inference path the app
+  applies with the exported folder's `optimize_for_cpu` (`--fast-cpu`, default `auto`: bf16 or int8 where the
+  Space's CPU has a fast path, else fp32; `fp32` turns it off);
 - `examples/`: small scenes of coloured shapes drawn here with their expressions, and a few real photographs
   shipped by scikit-image (`examples.json` lists them with source and licence), so the examples work offline;
 - `model/` when `--model` is a local folder: its `detris export` (weights, processor, remote code), so the Space
@@ -21,7 +25,8 @@ SPACEDIR gets:
 `detris push --model SPACEDIR --repo-id ORG/NAME` uploads such a folder as a Gradio Space.
 
 `detris app` loads the model with detris-hf's own classes; a folder's or repository's code runs only with
-`--trust-remote-code`.
+`--trust-remote-code`. `detris app --fast-cpu` runs it on the CPU through `modeling_detris.optimize_for_cpu`
+(`auto` when given without a mode).
 """
 
 import argparse
@@ -232,7 +237,7 @@ def space_card(title: str, model_repo_id: str | None, bundled: bool, examples: l
 
 def write_space(model, output, model_repo_id: str | None = None, title: str = DEFAULT_TITLE, overwrite: bool = False,
                 scenes: int = SHAPE_SCENES, photos: bool = True, max_expressions: int = 16,
-                log=print) -> list:
+                log=print, fast_cpu: str = "auto") -> list:
     """Write the Space folder (see the module docstring); returns the paths written, relative to `output`."""
     kind, source = check_model_argument(model)
     if model_repo_id is not None:
@@ -245,6 +250,10 @@ def write_space(model, output, model_repo_id: str | None = None, title: str = DE
         raise SpaceError(f"--max-expressions {max_expressions} is outside [1, 64]")
     if not 0 <= scenes <= 100:
         raise SpaceError(f"--scenes {scenes} is outside [0, 100]")
+    from modeling_detris.quantization_detris import CPU_MODES
+
+    if fast_cpu not in CPU_MODES:
+        raise SpaceError(f"--fast-cpu {fast_cpu!r} is not one of {list(CPU_MODES)}")
     output = Path(output)
     staging = staging_folder(output, [source] if kind == "folder" else [], overwrite)
     try:
@@ -262,7 +271,7 @@ def write_space(model, output, model_repo_id: str | None = None, title: str = DE
         shutil.copyfile(APP_SOURCE, staging / "app.py")
         (staging / "requirements.txt").write_text(pinned_requirements(), encoding="utf-8")
         settings = {"model": MODEL_FOLDER if kind == "folder" else source, "title": title,
-                    "max_expressions": max_expressions, "examples": EXAMPLES_FOLDER}
+                    "max_expressions": max_expressions, "examples": EXAMPLES_FOLDER, "fast_cpu": fast_cpu}
         (staging / "space_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         examples = write_examples(staging / EXAMPLES_FOLDER, scenes, photos, log=log)
         if kind == "folder" and model_repo_id is None:
@@ -290,10 +299,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-photos", action="store_true", help="leave out the scikit-image photographs")
     parser.add_argument("--max-expressions", type=int, default=16, help="most expressions per image (default 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--fast-cpu", default="auto", metavar="MODE",
+                        help="auto, bf16, int8 or fp32: the app's CPU inference path (default auto: bf16 or int8 where the Space's CPU has a "
+                             "fast path, else fp32; fp32 turns it off)")
     args = parser.parse_args(argv)
     try:
         files = write_space(args.model, args.output, args.model_repo_id, args.title, args.overwrite, args.scenes,
-                            not args.no_photos, args.max_expressions, log=lambda message: print(message, file=sys.stderr))
+                            not args.no_photos, args.max_expressions, log=lambda message: print(message, file=sys.stderr),
+                            fast_cpu=args.fast_cpu)
     except ValueError as error:
         print(f"detris space: {error}", file=sys.stderr)
         return 2
@@ -308,18 +321,23 @@ def main(argv=None) -> int:
 
 
 def build_app(model, device=None, examples_dir=None, scenes: int = SHAPE_SCENES, photos: bool = True,
-              title: str = DEFAULT_TITLE, trust_remote_code: bool = False, log=print):
+              title: str = DEFAULT_TITLE, trust_remote_code: bool = False, log=print, fast_cpu: str | None = None):
     """The Space's app (`hub_card.space_app`) around `model`, a folder or Hub repo id, loaded with detris-hf's own
     classes (the folder's code runs only with `trust_remote_code`); examples are written into `examples_dir` (none
-    when it is None). Returns `(demo, segmenter)`."""
+    when it is None); on the CPU, `fast_cpu` (a mode of `optimize_for_cpu`; None: fp32). Returns
+    `(demo, segmenter)`."""
     import modeling_detris  # noqa: F401  (registers DETRIS with AutoModel: our classes, not the folder's code)
     import processing_detris  # noqa: F401  (registers the processor with AutoProcessor)
+    from modeling_detris.quantization_detris import CPU_MODES, optimize_for_cpu
 
     from . import space_app
 
     kind, source = check_model_argument(model)
+    if fast_cpu is not None and fast_cpu not in CPU_MODES:
+        raise SpaceError(f"--fast-cpu {fast_cpu!r} is not one of {list(CPU_MODES)}")
     try:
-        segmenter = space_app.Segmenter(str(source), device=device, trust_remote_code=trust_remote_code)
+        segmenter = space_app.Segmenter(str(source), device=device, trust_remote_code=trust_remote_code,
+                                        cpu_mode=fast_cpu, cpu_optimizer=optimize_for_cpu)
     except ValueError as error:
         if trust_remote_code or "trust_remote_code" not in str(error):
             raise
@@ -331,7 +349,7 @@ def build_app(model, device=None, examples_dir=None, scenes: int = SHAPE_SCENES,
     if examples_dir is not None:
         write_examples(examples_dir, scenes, photos, log=log)
         examples = space_app.load_examples(examples_dir)
-    log(f"loaded {source} on {segmenter.device}")
+    log(f"loaded {source} on {segmenter.device_label}")
     return space_app.build_demo(segmenter, examples, title=title), segmenter
 
 
@@ -344,6 +362,9 @@ def app_main(argv=None) -> int:
     parser.add_argument("--no-examples", action="store_true", help="serve without the examples gallery")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model folder's or repository's own Python code (default: detris-hf's classes)")
+    parser.add_argument("--fast-cpu", nargs="?", const="auto", default=None, metavar="MODE",
+                        help="auto, bf16, int8 or fp32: on the CPU, run the model in bf16 or int8 (auto when no mode is given: the fast path "
+                             "this CPU has, else fp32)")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         print(f"detris app: --port {args.port} is outside [1, 65535]", file=sys.stderr)
@@ -352,7 +373,7 @@ def app_main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="detris-app-") as tmp:
         try:
             demo, _ = build_app(args.model, args.device, None if args.no_examples else Path(tmp) / EXAMPLES_FOLDER,
-                                trust_remote_code=args.trust_remote_code, log=log)
+                                trust_remote_code=args.trust_remote_code, log=log, fast_cpu=args.fast_cpu)
         except ValueError as error:
             print(f"detris app: {error}", file=sys.stderr)
             return 2

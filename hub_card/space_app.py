@@ -15,6 +15,9 @@ Settings come from `space_config.json` beside this file (written by `detris spac
 
 - `DETRIS_MODEL`: the model folder (relative to this file or absolute) or Hub repo id;
 - `DETRIS_DEVICE`: a torch device; default `cuda` when a GPU is present, else `cpu`;
+- `DETRIS_FAST_CPU`: the CPU inference path, `auto` (the default: bf16 or int8 where this CPU has a fast path for
+  it, else fp32), `bf16`, `int8`, or `fp32` to turn it off (`optimize_for_cpu` of the model folder's
+  `quantization_detris.py`; ignored on a GPU);
 - `GRADIO_SERVER_NAME` / `GRADIO_SERVER_PORT`: where Gradio listens (its own variables).
 
 Examples are read from `examples/examples.json` (`[{"file", "expressions", "source", "license"}, ...]`).
@@ -61,13 +64,16 @@ class DemoError(ValueError):
 
 
 def load_settings(folder=HERE) -> dict:
-    """`space_config.json` of `folder` (empty when absent), with `DETRIS_MODEL` / `DETRIS_DEVICE` applied."""
+    """`space_config.json` of `folder` (empty when absent), with `DETRIS_MODEL` / `DETRIS_DEVICE` /
+    `DETRIS_FAST_CPU` applied."""
     path = Path(folder) / SETTINGS_FILE
     settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if os.environ.get("DETRIS_MODEL"):
         settings["model"] = os.environ["DETRIS_MODEL"]
     if os.environ.get("DETRIS_DEVICE"):
         settings["device"] = os.environ["DETRIS_DEVICE"]
+    if os.environ.get("DETRIS_FAST_CPU"):
+        settings["fast_cpu"] = os.environ["DETRIS_FAST_CPU"]
     if not settings.get("model"):
         raise SystemExit(f"No model: set DETRIS_MODEL or write {{\"model\": ...}} into {path}")
     return settings
@@ -195,22 +201,51 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_cpu_optimizer(model: str, revision=None):
+    """`optimize_for_cpu(model, mode)` from the model folder's or repository's `quantization_detris.py` (shipped by
+    `detris export` beside the model's code)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module("quantization_detris.optimize_for_cpu", model, revision=revision)
+
+
 class Segmenter:
     """A DETRIS model and its processor on `device` (default: the GPU when there is one, else the CPU). On the Space
     they come from the exported folder's code (`trust_remote_code=True`); `detris app` passes False unless asked, so
-    the classes detris-hf registered are used instead."""
+    the classes detris-hf registered are used instead.
 
-    def __init__(self, model: str, device=None, revision=None, trust_remote_code: bool = True):
+    On the CPU, `cpu_mode` (`"auto"`, `"bf16"`, `"int8"`, `"fp32"`; None: fp32) runs the model through
+    `cpu_optimizer(model, cpu_mode)` (default: the folder's `optimize_for_cpu`, `load_cpu_optimizer`); the mode used
+    is `self.cpu_mode`. With `"auto"`, a folder without that file runs in fp32."""
+
+    def __init__(self, model: str, device=None, revision=None, trust_remote_code: bool = True, cpu_mode=None,
+                 cpu_optimizer=None):
         self.model_id = str(model)
         self.device = torch.device(device or default_device())
         self.model = AutoModel.from_pretrained(self.model_id, trust_remote_code=trust_remote_code, revision=revision)
         self.model = self.model.to(self.device).eval()
+        self.cpu_mode = "fp32"
+        if cpu_mode not in (None, "fp32") and self.device.type == "cpu":
+            try:
+                optimize = cpu_optimizer or load_cpu_optimizer(self.model_id, revision)
+            except OSError as error:
+                if cpu_mode != "auto":
+                    raise
+                print(f"no fast CPU path for {self.model_id} ({error}); running in fp32", file=sys.stderr)
+            else:
+                self.model = optimize(self.model, cpu_mode)
+                self.cpu_mode = self.model.cpu_inference_mode
         self.processor = AutoProcessor.from_pretrained(self.model_id, trust_remote_code=trust_remote_code,
                                                        revision=revision)
         self.max_image_pixels = getattr(self.processor.image_processor, "max_image_pixels", None)
         # The module of the image processor (the exported `image_processing_detris.py` on the Space): its decoding
         # is the one the model's inputs get, so the page decodes uploads with it too.
         self.image_processing = sys.modules[type(self.processor.image_processor).__module__]
+
+    @property
+    def device_label(self) -> str:
+        """The device, with the CPU inference mode when it is not fp32: `cpu`, `cpu (bf16)`, `cuda`."""
+        return str(self.device) + (f" ({self.cpu_mode})" if self.cpu_mode != "fp32" else "")
 
     def decode(self, image: Image.Image) -> np.ndarray:
         """An opened PIL image as the RGB uint8 array the processor would make of it."""
@@ -327,7 +362,7 @@ def run(segmenter: Segmenter, image, text, threshold, max_expressions: int = DEF
         overlay,
         legend_html(expressions, colours, masks, scores),
         save_masks(masks, expressions),
-        timing_markdown(seconds, segmenter.device, len(expressions), width, height),
+        timing_markdown(seconds, segmenter.device_label, len(expressions), width, height),
     )
 
 
@@ -394,7 +429,7 @@ def build_demo(segmenter: Segmenter, examples=(), title: str = "DETRIS referring
             if credits:
                 gr.Markdown("Example images: " + "; ".join(credits) + ".")
         shown = Path(segmenter.model_id).name if Path(segmenter.model_id).is_dir() else segmenter.model_id
-        gr.Markdown(f"Model: `{shown}` on `{segmenter.device}`.")
+        gr.Markdown(f"Model: `{shown}` on `{segmenter.device_label}`.")
         # preprocess=False: the function gets the upload as Gradio's file payload (already checked and moved into
         # Gradio's cache) and decodes it itself, so a file that is not an image gets a readable message instead of
         # Gradio's component error.
@@ -414,9 +449,16 @@ def launch(demo: gr.Blocks, **kwargs):
     return demo.queue(default_concurrency_limit=1).launch(theme=theme(), css=CSS, **kwargs)
 
 
+def load_segmenter(settings: dict, folder=HERE) -> Segmenter:
+    """The Space's model as `settings` (`load_settings`) name it; on the CPU it runs the fast path `fast_cpu`
+    (default `"auto"`)."""
+    return Segmenter(resolve_model(settings["model"], folder), settings.get("device"), settings.get("revision"),
+                     cpu_mode=settings.get("fast_cpu", "auto"))
+
+
 def main():
     settings = load_settings(HERE)
-    segmenter = Segmenter(resolve_model(settings["model"], HERE), settings.get("device"), settings.get("revision"))
+    segmenter = load_segmenter(settings, HERE)
     examples = load_examples(HERE / settings.get("examples", "examples"))
     demo = build_demo(segmenter, examples, title=settings.get("title", "DETRIS referring image segmentation"),
                       max_expressions=int(settings.get("max_expressions", DEFAULT_MAX_EXPRESSIONS)))

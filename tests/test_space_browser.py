@@ -26,8 +26,12 @@ from hub_helpers import save_tiny_model, write_test_image
 from space_helpers import OURS, ServedSpace, clean_env, find_chromium, isolated_python, legend, open_page, submit_and_wait
 
 import hub_card  # noqa: F401
+from modeling_detris.quantization_detris import cpu_fast_path
 from processing_detris import draw_referring_overlay, overlay_colour
 from training.cli import main as cli
+
+# the Space runs the fast CPU path this CPU has (`fast_cpu: auto`) and names it beside the device
+SPACE_DEVICE = "cpu" if cpu_fast_path() == "fp32" else f"cpu ({cpu_fast_path()})"
 
 ARTIFACTS = Path(os.environ.get("DETRIS_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
 IMAGE_SIZE = (97, 64)  # (width, height), not square, so a transposed mask or overlay would be caught
@@ -94,7 +98,8 @@ def test_gradio_client_request_and_readable_errors(served, tmp_path):
                                       [np.asarray(Image.open(path)) > 127 for path in masks], EXPRESSIONS)
     assert Image.open(overlay).size == expected.size
     assert legend_html.count('class="detris-legend-item"') == 2 and "the red box" in legend_html
-    assert re.search(r"Model time: \d+ ms\*\* on `cpu` for 2 expressions in one forward pass", timing), timing
+    assert re.search(rf"Model time: \d+ ms\*\* on `{re.escape(SPACE_DEVICE)}` for 2 expressions in one forward pass",
+                     timing), timing
 
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("not an image")
@@ -188,7 +193,8 @@ def test_page_in_a_real_browser(served, chromium, tmp_path):
             mask = Image.open(saved)
             assert mask.size == IMAGE_SIZE and mask.mode == "L"
             assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
-            assert re.search(r"Model time: \d+ ms on cpu for 2 expressions", page.inner_text("#detris-timing"))
+            assert re.search(rf"Model time: \d+ ms on {re.escape(SPACE_DEVICE)} for 2 expressions",
+                         page.inner_text("#detris-timing"))
 
             # an empty expression: a readable message on the page, and the next request still works
             page.fill("#detris-text textarea", "")

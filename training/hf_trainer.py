@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from training.evaluation import eval_loader, evaluate_model, sentence_view
 from training.parts import (
     TrainingSetupError,
+    apply_memory_format,
     build_model,
     build_optimizer,
     build_processor,
@@ -82,7 +83,7 @@ class DetrisTrainer(Trainer):
 
 def build_trainer(recipe: TrainingConfig, args: TrainingArguments, model=None, datasets=None) -> DetrisTrainer:
     datasets = datasets if datasets is not None else load_datasets(recipe)
-    model = model if model is not None else build_model(recipe)
+    model = apply_memory_format(model if model is not None else build_model(recipe), recipe)
     if uses_sync_batchnorm("cuda" if torch.cuda.is_available() else "cpu", args.world_size):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     processor = build_processor(model)

@@ -90,6 +90,16 @@ def load_init_model(cfg: TrainingConfig):
     return to_standalone_model(peft_model)  # built from the base's config (decoder_dropout) and the adapter's
 
 
+def apply_memory_format(model, cfg: TrainingConfig):
+    """`model` (changed in place) with its 4-D weights channels-last when the recipe sets `channels_last`; the values
+    are unchanged."""
+    if cfg.channels_last:
+        import torch
+
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_processor(model):
     from processing_detris import DetrisProcessor
 

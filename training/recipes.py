@@ -78,6 +78,10 @@ class TrainingConfig:
     # Adam's implementation (same update rule): "fused" (one kernel for all tensors, CPU and CUDA), "foreach" or
     # "for-loop" (torch's CPU default, one tensor at a time). Fused is 5x faster on the demo's 208 tensors on CPU.
     optimizer_implementation: str = "fused"
+    # the model's 4-D weights (convolutions) stored channels-last (NHWC): oneDNN's CPU convolutions then skip a
+    # layout reorder per call and run their backward faster (the demo's steps ~10 % faster on x86, same weights bit
+    # for bit after training); off by default
+    channels_last: bool = False
     seed: int = 0
 
     # bookkeeping

@@ -23,6 +23,7 @@ from pathlib import Path
 from training.parts import (  # noqa: F401  (build_model etc. are also this module's public names)
     NonFiniteLossError,
     TrainingSetupError,
+    apply_memory_format,
     apply_recipe,
     build_model,
     build_optimizer,
@@ -89,7 +90,7 @@ def _train(accelerator, cfg, model, datasets) -> dict:
         + ("" if effective == cfg.total_batch_size else f" (config asks for {cfg.total_batch_size})")
     )
 
-    model = model if model is not None else build_model(cfg)
+    model = apply_memory_format(model if model is not None else build_model(cfg), cfg)
     processor = build_processor(model)
     if uses_sync_batchnorm(accelerator.device.type, processes):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
