@@ -14,7 +14,7 @@ commands:
   train      train adapters + head: accelerate loop, or transformers.Trainer with --trainer hf (training.train)
   eval       official evaluation: mIoU / oIoU / Pr@X tables and prediction grids (training.evaluation)
   demo       the end-to-end demo run by `make demo` (training.demo)
-  bench      throughput, memory and FLOP utilisation on this machine, CPU or CUDA (benchmarks.bench_model)
+  bench      throughput, memory and FLOP utilisation on this machine, CPU or CUDA (benchmarks.bench)
   reproduce  convert the official checkpoints, evaluate them on RefCOCO/+/G-Ref, compare with the paper (training.reproduce)
   card       write the model card (README.md) of a model or adapter folder (hub_card.card)
   export     write a Hub-ready folder: weights, processor, remote code, card (hub_card.export)
@@ -37,7 +37,7 @@ COMMANDS = {
     "train": "training.train:main",
     "eval": "training.evaluation:main",
     "demo": "training.demo:main",
-    "bench": "benchmarks.bench_model:main",
+    "bench": "benchmarks.bench:main",
     "reproduce": "training.reproduce:main",
     "card": "hub_card.card:main",
     "export": "hub_card.export:main",
