@@ -181,3 +181,14 @@ def make_refer_fixture(root: str) -> dict:
             with open(os.path.join(d, f"refs({scheme}).p"), "wb") as fh:
                 fh.write(py2_pickle_dumps(make_refs(scheme, ref_offset=100 * k)))
     return {"refer_root": refer_root, "images_root": images_root, "annotations": anns, "instances": instances}
+
+
+def rewrite_instances(fixture: dict, change) -> str:
+    """Apply `change(instances)` to the fixture's refcoco `instances.json` in place; returns its path."""
+    path = os.path.join(fixture["refer_root"], "refcoco", "instances.json")
+    with open(path) as handle:
+        instances = json.load(handle)
+    change(instances)
+    with open(path, "w") as handle:
+        json.dump(instances, handle)
+    return path

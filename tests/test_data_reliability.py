@@ -11,7 +11,7 @@ import pytest
 
 from training.data import CorruptAnnotationError, build_refer_dataset, load_custom_folder
 from training.data.cli import main as data_main
-from refer_fixture import make_refer_fixture
+from refer_fixture import make_refer_fixture, rewrite_instances
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -22,13 +22,6 @@ def fx(tmp_path):
     return make_refer_fixture(str(tmp_path / "fx"))
 
 
-def _rewrite_instances(fx, change):
-    path = os.path.join(fx["refer_root"], "refcoco", "instances.json")
-    instances = json.load(open(path))
-    change(instances)
-    json.dump(instances, open(path, "w"))
-    return path
-
 
 def _build(fx):
     return build_refer_dataset(fx["refer_root"], fx["images_root"], "refcoco", "unc", progress=False)
@@ -38,7 +31,7 @@ def test_absurd_image_sizes_are_refused_when_building(fx):
     def huge(instances):
         instances["images"][0].update(height=100000, width=100000)
 
-    _rewrite_instances(fx, huge)
+    rewrite_instances(fx, huge)
     with pytest.raises(CorruptAnnotationError, match="100000x100000 is over the limit"):
         _build(fx)
 
@@ -47,7 +40,7 @@ def test_an_annotation_size_that_disagrees_with_the_image_is_refused(fx):
     def wrong(instances):
         instances["images"][0].update(height=480, width=640)
 
-    _rewrite_instances(fx, wrong)
+    rewrite_instances(fx, wrong)
     with pytest.raises(CorruptAnnotationError, match="480x640, the file .* is 48x64"):
         _build(fx)
 
@@ -71,11 +64,11 @@ def test_file_names_escaping_the_images_root_are_refused(fx, tmp_path):
     def escape(instances):
         instances["images"][0]["file_name"] = "../secret.png"
 
-    _rewrite_instances(fx, escape)
+    rewrite_instances(fx, escape)
     with pytest.raises(CorruptAnnotationError, match="outside"):
         _build(fx)
     # a symlink inside the root that leads out of it is refused the same way
-    _rewrite_instances(fx, lambda instances: instances["images"][0].update(file_name="link.png"))
+    rewrite_instances(fx, lambda instances: instances["images"][0].update(file_name="link.png"))
     os.symlink(secret, os.path.join(fx["images_root"], "link.png"))
     with pytest.raises(CorruptAnnotationError, match="outside"):
         _build(fx)

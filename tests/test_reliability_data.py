@@ -11,7 +11,7 @@ import pytest
 
 from training.data import CorruptAnnotationError, build_refer_dataset, load_custom_folder
 from training.data.cli import main as data_main
-from refer_fixture import make_refer_fixture
+from refer_fixture import make_refer_fixture, rewrite_instances
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -21,12 +21,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*zero-area.*"),
 def fx(tmp_path):
     return make_refer_fixture(str(tmp_path / "fx"))
 
-
-def _change_instances(fx, change):
-    path = os.path.join(fx["refer_root"], "refcoco", "instances.json")
-    instances = json.load(open(path))
-    change(instances)
-    json.dump(instances, open(path, "w"))
 
 
 def _change_refs(fx, change):
@@ -47,7 +41,7 @@ def _change_refs(fx, change):
     (lambda i: i["annotations"][0].update(image_id="abc"), r"refcoco ref_id=\d+: annotation \d+'s image_id is 'abc'"),
 ])
 def test_non_integer_ids_in_instances_name_the_file_and_record(fx, change, message):
-    _change_instances(fx, change)
+    rewrite_instances(fx, change)
     with pytest.raises(CorruptAnnotationError, match=message):
         build_refer_dataset(fx["refer_root"], fx["images_root"], "refcoco", "unc", progress=False)
 
@@ -63,7 +57,7 @@ def test_non_integer_ids_in_refs_name_the_ref(fx, change, message):
 
 
 def test_a_non_integer_id_ends_in_one_line_at_the_command_line(fx, tmp_path, capsys):
-    _change_instances(fx, lambda i: i["images"][0].update(id="abc"))
+    rewrite_instances(fx, lambda i: i["images"][0].update(id="abc"))
     output = tmp_path / "out"
     assert data_main(["refer", "--dataset", "refcoco", "--refer-root", fx["refer_root"], "--images-root",
                       fx["images_root"], "--output", str(output), "--no-progress"]) == 2
